@@ -1,0 +1,3 @@
+"""HydraAI: volunteers train a shared language model with Flower and earn tokens."""
+
+__version__ = "0.1.0"
