@@ -109,6 +109,17 @@ def latest_run_dir(output_dir: Path) -> Path:
     return pointers[-1].parent
 
 
+def latest_query_cost(output_dir: Path) -> float | None:
+    """The query-cost of the run that wrote the newest checkpoint, if any."""
+    try:
+        run_dir = latest_run_dir(output_dir)
+        folder = run_dir / (run_dir / LATEST).read_text(encoding="utf-8").strip()
+        state = json.loads((folder / STATE).read_text(encoding="utf-8"))
+        return float(state["config"]["query-cost"])
+    except (OSError, ValueError, KeyError, TypeError, CheckpointError):
+        return None
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")

@@ -170,7 +170,7 @@ class RunConfig:
             self.reward_per_task >= 0,
             "a number >= 0",
         )
-        _check("query-cost", self.query_cost, self.query_cost >= 0, "a number >= 0")
+        _check("query-cost", self.query_cost, self.query_cost > 0, "a number > 0")
         _check("ledger-db", self.ledger_db, bool(self.ledger_db), "a file path")
         _check(
             "run-name",

@@ -1,0 +1,343 @@
+"""BlendedFedAvg: FedAvg over checked replies, blended into the global model."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from hydraai.ledger import Ledger, TaskOutcome
+from hydraai.protocol import ARRAYS, METRICS, REPORT, TRAIN_METRICS, arrays_sha256
+
+logger = logging.getLogger(__name__)
+
+
+class BlendedFedAvg(FedAvg):
+    """Federated averaging over checked replies, blended into the global model.
+
+    The new global model is ``(1 - blend_rate) * global + blend_rate * average``,
+    where the average is over the replies that pass every check, each weighted
+    by the examples it trained on but never by more than the server assigned.
+    A reply that fails a check is left out and recorded with its reason; a
+    round with no accepted reply leaves the global model as it was.
+
+    Parameters
+    ----------
+    blend_rate : float (default: 0.1)
+        Share of the client average in the new global model, in (0, 1].
+    assigned_steps : int (default: 1)
+        Local training steps each sampled node is asked to run.
+    assigned_examples : int (default: 1)
+        Training examples those steps cover; the cap on a reply's weight.
+    tokenizer_sha256 : str (default: "")
+        Fingerprint of the tokenizer every reply must have used.
+    round_offset : int (default: 0)
+        Rounds completed before this start; a resumed run numbers on from there.
+    ledger : Ledger or None (default: None)
+        Where each sampled node's task is recorded as assigned.
+    run_name : str (default: "")
+        The run the tasks belong to in the ledger.
+    **kwargs
+        Passed to Flower's FedAvg (fractions, minimum nodes, record keys).
+    """
+
+    def __init__(
+        self,
+        blend_rate: float = 0.1,
+        assigned_steps: int = 1,
+        assigned_examples: int = 1,
+        tokenizer_sha256: str = "",
+        round_offset: int = 0,
+        ledger: Ledger | None = None,
+        run_name: str = "",
+        **kwargs,
+    ) -> None:
+        if not 0.0 < blend_rate <= 1.0:
+            raise ValueError(f"blend_rate must be in (0, 1], got {blend_rate}")
+        super().__init__(**kwargs)
+        self.blend_rate = blend_rate
+        self.assigned_steps = assigned_steps
+        self.assigned_examples = assigned_examples
+        self.tokenizer_sha256 = tokenizer_sha256
+        self.round_offset = round_offset
+        self.ledger = ledger
+        self.run_name = run_name
+
+        self.current_arrays: ArrayRecord | None = None
+        self.current_sha256 = ""
+        self.sampled_nodes: list[int] = []
+        # Outcome of every task of the last training round, for the ledger.
+        self.outcomes: list[TaskOutcome] = []
+
+    def summary(self) -> None:
+        """Log the blend settings, then FedAvg's own summary."""
+        logger.info(
+            "BlendedFedAvg: blend-rate %s, %d steps (%d examples) per task",
+            self.blend_rate,
+            self.assigned_steps,
+            self.assigned_examples,
+        )
+        super().summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample nodes and send each the global model with its fingerprint."""
+        self.current_arrays = arrays
+        self.current_sha256 = arrays_sha256(arrays)
+        config["model-sha256"] = self.current_sha256
+        config["tokenizer-sha256"] = self.tokenizer_sha256
+
+        messages = list(
+            super().configure_train(
+                self.round_offset + server_round, arrays, config, grid
+            )
+        )
+        self.sampled_nodes = [m.metadata.dst_node_id for m in messages]
+        if self.ledger is not None:
+            self.ledger.assign_tasks(
+                self.run_name,
+                self.round_offset + server_round,
+                self.sampled_nodes,
+                self.assigned_steps,
+                self.assigned_examples,
+            )
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Check each reply, average the accepted ones and blend them in."""
+        server_round += self.round_offset
+        replies = list(replies)
+        assert self.current_arrays is not None, "configure_train must run first"
+
+        # Judge every reply on its own; a node that sent nothing has failed.
+        accepted: list[tuple[Message, float]] = []
+        self.outcomes = []
+        for msg in replies:
+            outcome, weight = self._judge(msg)
+            self.outcomes.append(outcome)
+            if outcome.status == "completed":
+                accepted.append((msg, weight))
+            else:
+                logger.warning(
+                    "round %d: %s reply of node %d (%s): %s",
+                    server_round,
+                    outcome.status,
+                    outcome.node_id,
+                    outcome.user_id or "unknown user",
+                    outcome.reason,
+                )
+        answered = {o.node_id for o in self.outcomes}
+        for node_id in self.sampled_nodes:
+            if node_id not in answered:
+                reason = "no reply before the round timeout"
+                self.outcomes.append(TaskOutcome(node_id, "failed", reason=reason))
+                logger.warning(
+                    "round %d: node %d failed: %s", server_round, node_id, reason
+                )
+
+        # Average the accepted replies and blend the average into the model.
+        metrics = self._round_metrics(accepted)
+        if not accepted:
+            logger.warning(
+                "round %d: no reply accepted; the global model is unchanged",
+                server_round,
+            )
+            return None, metrics
+        average = weighted_average([(msg.content[ARRAYS], w) for msg, w in accepted])
+        return blend(self.current_arrays, average, self.blend_rate), metrics
+
+    def _judge(self, msg: Message) -> tuple[TaskOutcome, float]:
+        """The reply's outcome, and its aggregation weight if accepted."""
+        node_id = msg.metadata.src_node_id
+        if msg.has_error():
+            return TaskOutcome(
+                node_id, "failed", reason=f"error reply: {msg.error.reason}"
+            ), 0.0
+
+        report = msg.content.config_records.get(REPORT)
+        user_id = report.get("user-id") if report is not None else None
+        user_id = user_id if isinstance(user_id, str) and user_id else None
+        reason = self._problem(msg)
+        metrics = msg.content.metric_records.get(METRICS)
+        if reason:
+            return TaskOutcome(node_id, "rejected", user_id=user_id, reason=reason), 0.0
+
+        # A reply weighs, and is paid, for at most the work it was assigned.
+        steps = int(metrics["train-steps"])
+        examples = int(metrics["num-examples"])
+        outcome = TaskOutcome(
+            node_id,
+            "completed",
+            user_id=user_id,
+            reported_steps=steps,
+            reported_examples=examples,
+            reported_tokens=int(metrics["train-tokens"]),
+            train_loss=float(metrics["train-loss"]),
+        )
+        return outcome, float(min(examples, self.assigned_examples))
+
+    def _problem(self, msg: Message) -> str:
+        """Why a reply cannot be accepted, or "" if it can."""
+        content = msg.content
+        report = content.config_records.get(REPORT)
+        claimed = report.get("user-id") if report is not None else None
+        if not isinstance(claimed, str) or not claimed.strip():
+            return f"no '{REPORT}' record with a non-empty user-id"
+        if report.get("tokenizer-sha256") != self.tokenizer_sha256:
+            return "trained with another tokenizer"
+        if report.get("model-sha256") != self.current_sha256:
+            return "trained from another global model (stale or replayed reply)"
+
+        metrics = content.metric_records.get(METRICS)
+        if metrics is None:
+            return f"no '{METRICS}' record"
+        for key in TRAIN_METRICS:
+            value = metrics.get(key)
+            if (
+                not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                return f"metric '{key}' is missing, not a number or negative: {value!r}"
+        if metrics["train-steps"] <= 0 or metrics["num-examples"] <= 0:
+            return "reports no training steps or examples"
+
+        arrays = content.array_records.get(ARRAYS)
+        if arrays is None:
+            return f"no '{ARRAYS}' record"
+        return check_arrays(arrays, self.current_arrays)
+
+    def _round_metrics(self, accepted: list[tuple[Message, float]]) -> MetricRecord:
+        counts = Counter(o.status for o in self.outcomes)
+        metrics = MetricRecord(
+            {
+                "accepted": counts["completed"],
+                "rejected": counts["rejected"],
+                "failed": counts["failed"],
+                "train-tokens": sum(
+                    o.reported_tokens for o in self.outcomes if o.status == "completed"
+                ),
+            }
+        )
+        if accepted:
+            contents = [
+                RecordDict(
+                    {
+                        "m": MetricRecord(
+                            {
+                                "train-loss": m.content[METRICS]["train-loss"],
+                                "weight": w,
+                            }
+                        )
+                    }
+                )
+                for m, w in accepted
+            ]
+            metrics["train-loss"] = aggregate_metricrecords(contents, "weight")[
+                "train-loss"
+            ]
+        return metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send the new global model for evaluation on the nodes' own data."""
+        config["tokenizer-sha256"] = self.tokenizer_sha256
+        return super().configure_evaluate(
+            self.round_offset + server_round, arrays, config, grid
+        )
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Average the evaluation replies that carry a finite loss; drop the rest."""
+        usable = []
+        for msg in replies:
+            metrics = (
+                None if msg.has_error() else msg.content.metric_records.get(METRICS)
+            )
+            loss = metrics.get("eval-loss") if metrics is not None else None
+            count = metrics.get("num-examples") if metrics is not None else None
+            if (
+                isinstance(loss, (int, float))
+                and math.isfinite(loss)
+                and isinstance(count, (int, float))
+                and count > 0
+            ):
+                usable.append(
+                    RecordDict(
+                        {"m": MetricRecord({"eval-loss": loss, "num-examples": count})}
+                    )
+                )
+            else:
+                logger.debug(
+                    "evaluation reply of node %d dropped", msg.metadata.src_node_id
+                )
+        if not usable:
+            return None
+        return aggregate_metricrecords(usable, "num-examples")
+
+
+def check_arrays(arrays: ArrayRecord, reference: ArrayRecord) -> str:
+    """Why arrays cannot stand in for the reference model, or "" if they can."""
+    missing = [k for k in reference if k not in arrays]
+    extra = [k for k in arrays if k not in reference]
+    if missing or extra:
+        return f"array names differ: missing {missing[:3]}, unexpected {extra[:3]}"
+    for name, ref in reference.items():
+        array = arrays[name]
+        if tuple(array.shape) != tuple(ref.shape) or array.dtype != ref.dtype:
+            return (
+                f"array '{name}' is {array.dtype}{list(array.shape)}, "
+                f"expected {ref.dtype}{list(ref.shape)}"
+            )
+        try:
+            values = array.numpy()
+        except Exception as err:  # A malformed payload cannot be decoded.
+            return f"array '{name}' cannot be decoded: {err}"
+        if not np.isfinite(values).all():
+            return f"array '{name}' has NaN or infinite values"
+    return ""
+
+
+def weighted_average(items: list[tuple[ArrayRecord, float]]) -> dict[str, np.ndarray]:
+    """Sum of w_i * arrays_i over sum of w_i, array by array (float64 sums)."""
+    total = sum(w for _, w in items)
+    names = list(items[0][0].keys())
+    return {
+        name: sum(
+            arrays[name].numpy().astype(np.float64) * (w / total) for arrays, w in items
+        )
+        for name in names
+    }
+
+
+def blend(
+    global_arrays: ArrayRecord, average: dict[str, np.ndarray], blend_rate: float
+) -> ArrayRecord:
+    """(1 - blend_rate) * global + blend_rate * average, in the global dtypes."""
+    blended = {}
+    for name, array in global_arrays.items():
+        current = array.numpy()
+        mixed = (1.0 - blend_rate) * current.astype(np.float64) + blend_rate * average[
+            name
+        ]
+        blended[name] = Array(mixed.astype(current.dtype))
+    return ArrayRecord(blended)
