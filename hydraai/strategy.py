@@ -80,6 +80,9 @@ class BlendedFedAvg(FedAvg):
         self.current_arrays: ArrayRecord | None = None
         self.current_sha256 = ""
         self.sampled_nodes: list[int] = []
+        # Registered names of authenticated nodes, by node id.
+        self.registered: dict[int, str] = {}
+        self._warned_unauthenticated = False
         # Outcome of every task of the last training round, for the ledger.
         self.outcomes: list[TaskOutcome] = []
 
@@ -108,6 +111,7 @@ class BlendedFedAvg(FedAvg):
             )
         )
         self.sampled_nodes = [m.metadata.dst_node_id for m in messages]
+        self._learn_identities(grid)
         if self.ledger is not None:
             self.ledger.assign_tasks(
                 self.run_name,
@@ -147,7 +151,10 @@ class BlendedFedAvg(FedAvg):
         for node_id in self.sampled_nodes:
             if node_id not in answered:
                 reason = "no reply before the round timeout"
-                self.outcomes.append(TaskOutcome(node_id, "failed", reason=reason))
+                user_id = self.registered.get(node_id)
+                self.outcomes.append(
+                    TaskOutcome(node_id, "failed", user_id=user_id, reason=reason)
+                )
                 logger.warning(
                     "round %d: node %d failed: %s", server_round, node_id, reason
                 )
@@ -163,18 +170,43 @@ class BlendedFedAvg(FedAvg):
         average = weighted_average([(msg.content[ARRAYS], w) for msg, w in accepted])
         return blend(self.current_arrays, average, self.blend_rate), metrics
 
+    def _learn_identities(self, grid: Grid) -> None:
+        """Note the registered name of each authenticated node.
+
+        With SuperNode authentication the SuperLink knows each node's public key
+        and the name it was registered under; that name, not the user-id a
+        reply claims, is who gets paid.
+        """
+        nodes = list(grid.get_nodes())
+        self.registered = {n.node_id: n.name for n in nodes if n.public_key and n.name}
+        if not self.registered and not self._warned_unauthenticated:
+            self._warned_unauthenticated = True
+            logger.warning(
+                "nodes are not authenticated: user ids are self-asserted and rewards "
+                "are not protected; start the SuperLink with --enable-supernode-auth "
+                "and register each volunteer's key to pay registered identities"
+            )
+
     def _judge(self, msg: Message) -> tuple[TaskOutcome, float]:
         """The reply's outcome, and its aggregation weight if accepted."""
         node_id = msg.metadata.src_node_id
+        registered = self.registered.get(node_id)
         if msg.has_error():
+            reason = f"error reply: {msg.error.reason}"
             return TaskOutcome(
-                node_id, "failed", reason=f"error reply: {msg.error.reason}"
+                node_id, "failed", user_id=registered, reason=reason
             ), 0.0
 
         report = msg.content.config_records.get(REPORT)
-        user_id = report.get("user-id") if report is not None else None
-        user_id = user_id if isinstance(user_id, str) and user_id else None
+        claimed = report.get("user-id") if report is not None else None
+        claimed = claimed if isinstance(claimed, str) and claimed.strip() else None
+        user_id = registered or claimed
         reason = self._problem(msg)
+        if not reason and registered and claimed != registered:
+            reason = (
+                f"claims user-id '{claimed}', but the node is registered "
+                f"as '{registered}'"
+            )
         metrics = msg.content.metric_records.get(METRICS)
         if reason:
             return TaskOutcome(node_id, "rejected", user_id=user_id, reason=reason), 0.0

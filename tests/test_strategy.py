@@ -11,6 +11,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.proto.node_pb2 import NodeInfo
 from flwr.supercore.task_identity import TaskIdentity
 
 from hydraai.protocol import ARRAYS, METRICS, REPORT
@@ -27,6 +28,9 @@ class Nodes:
 
     def get_node_ids(self):
         return self.node_ids
+
+    def get_nodes(self):
+        return [NodeInfo(node_id=n) for n in self.node_ids]
 
 
 @pytest.fixture(autouse=True)
@@ -232,3 +236,37 @@ def test_evaluation_replies_without_a_finite_loss_are_dropped():
         [evaluation(1, 2.0, 100), evaluation(2, 4.0, 300), evaluation(3, np.nan, 10)],
     )
     assert result["eval-loss"] == pytest.approx((2.0 * 100 + 4.0 * 300) / 400)
+
+
+class RegisteredNodes(Nodes):
+    """Nodes that authenticated with keys registered under names."""
+
+    def __init__(self, names):
+        super().__init__(names)
+        self.names = names
+
+    def get_nodes(self):
+        return [
+            NodeInfo(node_id=n, name=name, public_key=b"key-" + name.encode())
+            for n, name in self.names.items()
+        ]
+
+
+def test_registered_name_is_paid_and_a_false_claim_is_rejected():
+    strategy = make_strategy()
+    global_arrays = arrays([1.0, 1.0], [1.0])
+    messages = strategy.configure_train(
+        1, global_arrays, ConfigRecord(), RegisteredNodes({1: "alice", 2: "bob"})
+    )
+    sent = {m.metadata.dst_node_id: m for m in messages}
+    strategy.aggregate_train(
+        1,
+        [
+            reply(sent[1], arrays([2.0, 2.0], [2.0]), user="alice"),
+            reply(sent[2], arrays([2.0, 2.0], [2.0]), user="alice"),
+        ],
+    )
+    outcomes = {o.node_id: o for o in strategy.outcomes}
+    assert outcomes[1].status == "completed" and outcomes[1].user_id == "alice"
+    assert outcomes[2].status == "rejected" and outcomes[2].user_id == "bob"
+    assert "registered as 'bob'" in outcomes[2].reason
