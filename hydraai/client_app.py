@@ -60,9 +60,13 @@ def train(msg: Message, context: Context) -> Message:
         report.seconds,
     )
 
+    # Weights travel back in the dtype they came in (float16 halves the bytes).
+    transfer_dtype = getattr(torch, task.transfer_dtype)
     content = RecordDict(
         {
-            ARRAYS: ArrayRecord(model.state_dict()),
+            ARRAYS: ArrayRecord(
+                {k: v.to(transfer_dtype) for k, v in model.state_dict().items()}
+            ),
             METRICS: MetricRecord(
                 {
                     "num-examples": report.examples,

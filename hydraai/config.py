@@ -8,10 +8,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from hydraai.aggregation import AGGREGATIONS, SERVER_OPTIMIZERS
 from hydraai.errors import ConfigError
 
 PARTITIONERS = ("iid", "dirichlet", "size-skewed")
-AGGREGATIONS = ("mean", "trimmed-mean", "median")
+TRANSFER_DTYPES = ("float32", "float16")
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -38,6 +39,16 @@ class RunConfig:
     val_fraction: float = 0.1
     partitioner: str = "iid"
     dirichlet_alpha: float = 0.5
+    aggregation: str = "mean"
+    trim_fraction: float = 0.2
+    max_update_factor: float = 3.0
+    min_update_factor: float = 0.25
+    outlier_factor: float = 3.0
+    min_cosine: float = 0.0
+    probe_windows: int = 8
+    server_optimizer: str = "none"
+    server_momentum: float = 0.9
+    transfer_dtype: str = "float32"
     reward_per_task: float = 2.0
     query_cost: float = 0.5
     ledger_db: str = "ledger.db"
@@ -163,6 +174,66 @@ class RunConfig:
             self.dirichlet_alpha,
             self.dirichlet_alpha > 0,
             "a number > 0",
+        )
+        _check(
+            "aggregation",
+            self.aggregation,
+            self.aggregation in AGGREGATIONS,
+            f"one of {', '.join(AGGREGATIONS)}",
+        )
+        _check(
+            "trim-fraction",
+            self.trim_fraction,
+            0.0 <= self.trim_fraction < 0.5,
+            "a number in [0, 0.5)",
+        )
+        _check(
+            "max-update-factor",
+            self.max_update_factor,
+            self.max_update_factor >= 1.0,
+            "a number >= 1 (AdamW moves a parameter about 1 learning rate a step)",
+        )
+        _check(
+            "min-update-factor",
+            self.min_update_factor,
+            0.0 <= self.min_update_factor < 1.0,
+            "a number in [0, 1)",
+        )
+        _check(
+            "outlier-factor",
+            self.outlier_factor,
+            self.outlier_factor > 1.0,
+            "a number > 1",
+        )
+        _check(
+            "min-cosine",
+            self.min_cosine,
+            -1.0 <= self.min_cosine <= 1.0,
+            "a number in [-1, 1]",
+        )
+        _check(
+            "probe-windows",
+            self.probe_windows,
+            self.probe_windows >= 0,
+            "an integer >= 0 (0 turns the direction check off)",
+        )
+        _check(
+            "server-optimizer",
+            self.server_optimizer,
+            self.server_optimizer in SERVER_OPTIMIZERS,
+            f"one of {', '.join(SERVER_OPTIMIZERS)}",
+        )
+        _check(
+            "server-momentum",
+            self.server_momentum,
+            0.0 <= self.server_momentum < 1.0,
+            "a number in [0, 1)",
+        )
+        _check(
+            "transfer-dtype",
+            self.transfer_dtype,
+            self.transfer_dtype in TRANSFER_DTYPES,
+            f"one of {', '.join(TRANSFER_DTYPES)}",
         )
         _check(
             "reward-per-task",

@@ -29,6 +29,7 @@ TASK_KEYS = (
     "partitioner",
     "dirichlet-alpha",
     "seed",
+    "transfer-dtype",
 )
 
 # Metrics every training reply must carry, all finite and >= 0.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -9,14 +10,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from tokenizers import Tokenizer
 
+from hydraai.aggregation import Defences, ServerOptimizer
 from hydraai.checkpoint import Checkpoint, write_json_atomic
 from hydraai.config import RunConfig
-from hydraai.data import encode, load_corpus, split_corpus
+from hydraai.data import encode, eval_windows, load_corpus, split_corpus
 from hydraai.errors import CheckpointError, HydraError
 from hydraai.ledger import Ledger, TaskOutcome
 from hydraai.model import ModelConfig, SimpleTransformer
@@ -69,9 +72,13 @@ class RunState:
     run_dir: Path
     tokenizer_json: str
     val_tokens: torch.Tensor
+    # Held-out text, apart from val_tokens, for the direction check on updates.
+    probe_tokens: torch.Tensor
     model_config: ModelConfig
     start_round: int
     records: list[dict] = field(default_factory=list)
+    # The server optimizer's velocity at the checkpoint, if it has one.
+    velocity: np.ndarray | None = None
 
     @property
     def tokenizer_sha256(self) -> str:
@@ -154,6 +161,7 @@ def prepare(
         tokenizer_json = checkpoint.tokenizer_json
         tokenizer = Tokenizer.from_str(tokenizer_json)
     val_tokens = encode(tokenizer, val_split["text"], eot_id(tokenizer))
+    val_tokens, probe_tokens = split_probe(val_tokens, config)
     model_config = ModelConfig.from_run(config, tokenizer.get_vocab_size())
 
     # Seeded initial weights, or the checkpoint's.
@@ -182,11 +190,36 @@ def prepare(
         run_dir=run_dir,
         tokenizer_json=tokenizer_json,
         val_tokens=val_tokens,
+        probe_tokens=probe_tokens,
         model_config=model_config,
         start_round=checkpoint.server_round if checkpoint else 0,
         records=records,
+        velocity=checkpoint.strategy_arrays.get("velocity") if checkpoint else None,
     )
     return state, initial
+
+
+def split_probe(
+    tokens: torch.Tensor, config: RunConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut the probe for the direction check off the end of the validation text.
+
+    Kept apart so that the reported validation loss is not measured on the text
+    that decided which updates were accepted; a validation text too short to
+    share is used for both.
+    """
+    probe_len = config.probe_windows * config.block_size + 1
+    if config.probe_windows == 0:
+        return tokens, tokens[:0]
+    if len(tokens) - probe_len < config.block_size + 1:
+        logger.warning(
+            "the validation text (%d tokens) is too short to set %d probe windows "
+            "apart; the direction check uses validation text",
+            len(tokens),
+            config.probe_windows,
+        )
+        return tokens, tokens[-probe_len:]
+    return tokens[:-probe_len], tokens[-probe_len:]
 
 
 def check_resumable(config: RunConfig, checkpoint: Checkpoint) -> None:
@@ -202,7 +235,21 @@ def check_resumable(config: RunConfig, checkpoint: Checkpoint) -> None:
 
 
 def make_strategy(config: RunConfig, state: RunState, ledger: Ledger) -> BlendedFedAvg:
-    """The blended FedAvg for this run's config."""
+    """The blended FedAvg for this run's config, with its defences."""
+    defences = Defences(
+        learning_rate=config.learning_rate,
+        max_update_factor=config.max_update_factor,
+        min_update_factor=config.min_update_factor,
+        outlier_factor=config.outlier_factor,
+        min_cosine=config.min_cosine,
+    )
+    downhill = None
+    if config.probe_windows > 0:
+        downhill = functools.partial(
+            descent_direction, state.model_config, state.probe_tokens
+        )
+    optimizer = ServerOptimizer(config.server_optimizer, config.server_momentum)
+    optimizer.velocity = state.velocity
     return BlendedFedAvg(
         blend_rate=config.blend_rate,
         assigned_steps=config.local_steps,
@@ -216,6 +263,27 @@ def make_strategy(config: RunConfig, state: RunState, ledger: Ledger) -> Blended
         min_train_nodes=1,
         min_evaluate_nodes=1 if config.fraction_evaluate > 0 else 0,
         min_available_nodes=1,
+        defences=defences,
+        downhill=downhill,
+        aggregation=config.aggregation,
+        trim_fraction=config.trim_fraction,
+        server_optimizer=optimizer,
+        transfer_dtype=config.transfer_dtype,
+    )
+
+
+def descent_direction(
+    model_config: ModelConfig, tokens: torch.Tensor, arrays: ArrayRecord
+) -> np.ndarray:
+    """The flat negative gradient of the loss on held-out text, in arrays' order."""
+    model = SimpleTransformer(model_config)
+    model.load_state_dict(arrays.to_torch_state_dict())
+    x, y = eval_windows(tokens, model_config.block_size, len(tokens))
+    _, loss = model(x, y)
+    loss.backward()
+    params = dict(model.named_parameters())
+    return np.concatenate(
+        [-params[name].grad.numpy().astype(np.float64).ravel() for name in arrays]
     )
 
 
@@ -268,12 +336,14 @@ class RoundEnd:
 
         # Checkpoint the round with its outcomes, then settle them in the ledger.
         outcomes = self.strategy.outcomes
+        velocity = self.strategy.server_optimizer.velocity
         Checkpoint(
             server_round=server_round,
             arrays={k: v.numpy() for k, v in arrays.items()},
             tokenizer_json=state.tokenizer_json,
             config=state.config.to_run_config(),
             state={"outcomes": [o.__dict__ for o in outcomes]},
+            strategy_arrays={} if velocity is None else {"velocity": velocity},
         ).save(state.run_dir)
         paid = self.ledger.settle_round(state.config.run_name, server_round, outcomes)
 
@@ -296,12 +366,13 @@ class RoundEnd:
         self.last_time = now
         self.record(record)
         logger.info(
-            "round %d/%d: %d accepted, %d rejected, %d failed | train loss %s | "
+            "round %d/%d: %d accepted, %d rejected%s, %d failed | train loss %s | "
             "val loss %.4f, perplexity %.1f | %.2f tokens paid | %.1fs",
             server_round,
             state.config.num_server_rounds,
             record["accepted"],
             record["rejected"],
+            _reason_counts(outcomes, "rejected"),
             record["failed"],
             "n/a" if record["train_loss"] is None else f"{record['train_loss']:.4f}",
             val_loss,
@@ -353,6 +424,21 @@ def read_records(run_dir: Path) -> list[dict]:
     """The metrics records a run has written so far."""
     path = run_dir / METRICS_FILE
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
+
+
+def _reason_counts(outcomes: list[TaskOutcome], status: str) -> str:
+    """' (2 stale model; 1 NaN values)': the reasons of outcomes in status, or ''.
+
+    A reason's detail after its first ':' (the offending value) is left out,
+    so that replies rejected for the same check count together.
+    """
+    counts: dict[str, int] = {}
+    for outcome in outcomes:
+        if outcome.status == status:
+            reason = outcome.reason.split(":")[0].strip() or "no reason given"
+            counts[reason] = counts.get(reason, 0) + 1
+    ranked = sorted(counts.items(), key=lambda item: -item[1])
+    return f" ({'; '.join(f'{n} {r}' for r, n in ranked)})" if ranked else ""
 
 
 def _mean(values: list[float | None]) -> float | None:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import (
-    Array,
     ArrayRecord,
     ConfigRecord,
     Message,
@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from hydraai.aggregation import Defences, Layout, ServerOptimizer, aggregate
 from hydraai.ledger import Ledger, TaskOutcome
 from hydraai.protocol import ARRAYS, METRICS, REPORT, TRAIN_METRICS, arrays_sha256
 
@@ -31,9 +32,14 @@ class BlendedFedAvg(FedAvg):
 
     The new global model is ``(1 - blend_rate) * global + blend_rate * average``,
     where the average is over the replies that pass every check, each weighted
-    by the examples it trained on but never by more than the server assigned.
+    by the examples it trained on; a reply claiming more than was assigned is
+    rejected, so no claim can buy more weight or pay.
     A reply that fails a check is left out and recorded with its reason; a
     round with no accepted reply leaves the global model as it was.
+
+    Internally each reply becomes an update (its weights minus the weights it
+    was sent), so that robust aggregates, a server optimizer and half-precision
+    transfer all work on the same quantity.
 
     Parameters
     ----------
@@ -51,6 +57,19 @@ class BlendedFedAvg(FedAvg):
         Where each sampled node's task is recorded as assigned.
     run_name : str (default: "")
         The run the tasks belong to in the ledger.
+    defences : Defences or None (default: None)
+        Bounds, free-rider, direction and outlier checks on each update.
+    downhill : callable or None (default: None)
+        Maps the global model to the flat negative gradient of held-out text,
+        for the direction check.
+    aggregation : str (default: "mean")
+        "mean" (weighted), "trimmed-mean" or "median", coordinate-wise.
+    trim_fraction : float (default: 0.2)
+        Share of replies cut from each end by "trimmed-mean".
+    server_optimizer : ServerOptimizer or None (default: None)
+        How the aggregate update is applied; None is plain blending.
+    transfer_dtype : str (default: "float32")
+        dtype of the weights sent to nodes and expected back.
     **kwargs
         Passed to Flower's FedAvg (fractions, minimum nodes, record keys).
     """
@@ -64,6 +83,12 @@ class BlendedFedAvg(FedAvg):
         round_offset: int = 0,
         ledger: Ledger | None = None,
         run_name: str = "",
+        defences: Defences | None = None,
+        downhill: Callable[[ArrayRecord], np.ndarray] | None = None,
+        aggregation: str = "mean",
+        trim_fraction: float = 0.2,
+        server_optimizer: ServerOptimizer | None = None,
+        transfer_dtype: str = "float32",
         **kwargs,
     ) -> None:
         if not 0.0 < blend_rate <= 1.0:
@@ -76,9 +101,18 @@ class BlendedFedAvg(FedAvg):
         self.round_offset = round_offset
         self.ledger = ledger
         self.run_name = run_name
+        self.defences = defences
+        self.downhill = downhill
+        self.aggregation = aggregation
+        self.trim_fraction = trim_fraction
+        self.server_optimizer = server_optimizer or ServerOptimizer()
+        self.transfer_dtype = transfer_dtype
 
         self.current_arrays: ArrayRecord | None = None
+        # The global model as sent to nodes, in transfer_dtype, and its hash.
+        self.sent_arrays: ArrayRecord | None = None
         self.current_sha256 = ""
+        self.layout: Layout | None = None
         self.sampled_nodes: list[int] = []
         # Registered names of authenticated nodes, by node id.
         self.registered: dict[int, str] = {}
@@ -101,13 +135,19 @@ class BlendedFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """Sample nodes and send each the global model with its fingerprint."""
         self.current_arrays = arrays
-        self.current_sha256 = arrays_sha256(arrays)
+        self.layout = Layout.of(arrays)
+        self.sent_arrays = arrays
+        if self.transfer_dtype != "float32":
+            flat = self.layout.flatten(arrays)
+            self.sent_arrays = self.layout.unflatten(flat, self.transfer_dtype)
+        self.current_sha256 = arrays_sha256(self.sent_arrays)
         config["model-sha256"] = self.current_sha256
         config["tokenizer-sha256"] = self.tokenizer_sha256
+        config["transfer-dtype"] = self.transfer_dtype
 
         messages = list(
             super().configure_train(
-                self.round_offset + server_round, arrays, config, grid
+                self.round_offset + server_round, self.sent_arrays, config, grid
             )
         )
         self.sampled_nodes = [m.metadata.dst_node_id for m in messages]
@@ -159,7 +199,11 @@ class BlendedFedAvg(FedAvg):
                     "round %d: node %d failed: %s", server_round, node_id, reason
                 )
 
-        # Average the accepted replies and blend the average into the model.
+        # Screen the updates of the well-formed replies against each other.
+        updates = self._screen_updates(server_round, accepted)
+        accepted = [(msg, w) for msg, w in accepted if msg in updates]
+
+        # Combine the accepted updates and step the global model.
         metrics = self._round_metrics(accepted)
         if not accepted:
             logger.warning(
@@ -167,8 +211,68 @@ class BlendedFedAvg(FedAvg):
                 server_round,
             )
             return None, metrics
-        average = weighted_average([(msg.content[ARRAYS], w) for msg, w in accepted])
-        return blend(self.current_arrays, average, self.blend_rate), metrics
+        combined = aggregate(
+            [updates[msg] for msg, _ in accepted],
+            [w for _, w in accepted],
+            self.aggregation,
+            self.trim_fraction,
+        )
+        new = self.server_optimizer.step(
+            self.layout.flatten(self.current_arrays), combined, self.blend_rate
+        )
+        return self.layout.unflatten(new), metrics
+
+    def _screen_updates(
+        self, server_round: int, candidates: list[tuple[Message, float]]
+    ) -> dict[Message, np.ndarray]:
+        """The updates that pass the defences, by reply; the rest are rejected."""
+        base = self.layout.flatten(self.sent_arrays)
+        updates = {
+            m: self.layout.flatten(m.content[ARRAYS]) - base for m, _ in candidates
+        }
+        if self.defences is None or not updates:
+            return updates
+
+        # Each update on its own: size, work done, direction.
+        downhill = self.downhill(self.current_arrays) if self.downhill else None
+        for msg in list(updates):
+            steps = int(msg.content[METRICS]["train-steps"])
+            reason = self.defences.problem(
+                updates[msg], steps, self.assigned_steps, downhill
+            )
+            if reason:
+                self._reject(server_round, msg, reason)
+                del updates[msg]
+
+        # Then against each other: far longer than the round's median.
+        norms = [float(np.linalg.norm(u)) for u in updates.values()]
+        median = float(np.median(norms)) if norms else 0.0
+        flagged = self.defences.outliers(norms)
+        for msg, norm, outlier in zip(list(updates), norms, flagged, strict=True):
+            if outlier:
+                reason = (
+                    f"outlier: update norm {norm:.3g} is more than "
+                    f"{self.defences.outlier_factor}x the round median {median:.3g}"
+                )
+                self._reject(server_round, msg, reason)
+                del updates[msg]
+        return updates
+
+    def _reject(self, server_round: int, msg: Message, reason: str) -> None:
+        """Turn a completed outcome into a rejected one."""
+        node_id = msg.metadata.src_node_id
+        for i, outcome in enumerate(self.outcomes):
+            if outcome.node_id == node_id:
+                self.outcomes[i] = dataclasses.replace(
+                    outcome, status="rejected", reason=reason
+                )
+                logger.warning(
+                    "round %d: rejected reply of node %d (%s): %s",
+                    server_round,
+                    node_id,
+                    outcome.user_id or "unknown user",
+                    reason,
+                )
 
     def _learn_identities(self, grid: Grid) -> None:
         """Note the registered name of each authenticated node.
@@ -211,7 +315,7 @@ class BlendedFedAvg(FedAvg):
         if reason:
             return TaskOutcome(node_id, "rejected", user_id=user_id, reason=reason), 0.0
 
-        # A reply weighs, and is paid, for at most the work it was assigned.
+        # A reply weighs, and is paid, for the work it did, at most the assignment.
         steps = int(metrics["train-steps"])
         examples = int(metrics["num-examples"])
         outcome = TaskOutcome(
@@ -223,7 +327,7 @@ class BlendedFedAvg(FedAvg):
             reported_tokens=int(metrics["train-tokens"]),
             train_loss=float(metrics["train-loss"]),
         )
-        return outcome, float(min(examples, self.assigned_examples))
+        return outcome, float(examples)
 
     def _problem(self, msg: Message) -> str:
         """Why a reply cannot be accepted, or "" if it can."""
@@ -250,11 +354,21 @@ class BlendedFedAvg(FedAvg):
                 return f"metric '{key}' is missing, not a number or negative: {value!r}"
         if metrics["train-steps"] <= 0 or metrics["num-examples"] <= 0:
             return "reports no training steps or examples"
+        if metrics["num-examples"] > self.assigned_examples:
+            return (
+                f"claims {metrics['num-examples']} examples, more than the "
+                f"{self.assigned_examples} assigned"
+            )
+        if metrics["train-steps"] > self.assigned_steps:
+            return (
+                f"claims {metrics['train-steps']} steps, more than the "
+                f"{self.assigned_steps} assigned"
+            )
 
         arrays = content.array_records.get(ARRAYS)
         if arrays is None:
             return f"no '{ARRAYS}' record"
-        return check_arrays(arrays, self.current_arrays)
+        return check_arrays(arrays, self.sent_arrays)
 
     def _round_metrics(self, accepted: list[tuple[Message, float]]) -> MetricRecord:
         counts = Counter(o.status for o in self.outcomes)
@@ -292,6 +406,9 @@ class BlendedFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """Send the new global model for evaluation on the nodes' own data."""
         config["tokenizer-sha256"] = self.tokenizer_sha256
+        if self.transfer_dtype != "float32":
+            layout = Layout.of(arrays)
+            arrays = layout.unflatten(layout.flatten(arrays), self.transfer_dtype)
         return super().configure_evaluate(
             self.round_offset + server_round, arrays, config, grid
         )
@@ -347,29 +464,3 @@ def check_arrays(arrays: ArrayRecord, reference: ArrayRecord) -> str:
         if not np.isfinite(values).all():
             return f"array '{name}' has NaN or infinite values"
     return ""
-
-
-def weighted_average(items: list[tuple[ArrayRecord, float]]) -> dict[str, np.ndarray]:
-    """Sum of w_i * arrays_i over sum of w_i, array by array (float64 sums)."""
-    total = sum(w for _, w in items)
-    names = list(items[0][0].keys())
-    return {
-        name: sum(
-            arrays[name].numpy().astype(np.float64) * (w / total) for arrays, w in items
-        )
-        for name in names
-    }
-
-
-def blend(
-    global_arrays: ArrayRecord, average: dict[str, np.ndarray], blend_rate: float
-) -> ArrayRecord:
-    """(1 - blend_rate) * global + blend_rate * average, in the global dtypes."""
-    blended = {}
-    for name, array in global_arrays.items():
-        current = array.numpy()
-        mixed = (1.0 - blend_rate) * current.astype(np.float64) + blend_rate * average[
-            name
-        ]
-        blended[name] = Array(mixed.astype(current.dtype))
-    return ArrayRecord(blended)

@@ -124,20 +124,23 @@ def test_blend_rate_one_is_plain_fedavg():
     assert values(new) == {"w": [3.0, 6.0], "b": [1.0]}
 
 
-def test_claimed_examples_beyond_the_assignment_weigh_no_more():
+def test_claiming_more_work_than_assigned_is_rejected():
     strategy = make_strategy()
-    sent = start_round(strategy, arrays([1.0, 1.0], [1.0]), [1, 2])
+    sent = start_round(strategy, arrays([1.0, 1.0], [1.0]), [1, 2, 3])
     new, _ = strategy.aggregate_train(
         1,
         [
             reply(sent[1], arrays([3.0, 3.0], [3.0]), examples=100_000),
-            reply(sent[2], arrays([5.0, 5.0], [5.0]), examples=40),
+            reply(sent[2], arrays([3.0, 3.0], [3.0]), steps=6),
+            reply(sent[3], arrays([5.0, 5.0], [5.0]), examples=40),
         ],
     )
-    # Both weigh 40, so the average is 4 and new = 0.9 * 1 + 0.1 * 4 = 1.3.
-    assert values(new)["w"] == pytest.approx([1.3, 1.3])
-    claimed = next(o for o in strategy.outcomes if o.node_id == 1)
-    assert claimed.reported_examples == 100_000  # recorded as claimed, not trusted
+    # Only node 3 counts: new = 0.9 * 1 + 0.1 * 5 = 1.4.
+    assert values(new)["w"] == pytest.approx([1.4, 1.4])
+    outcomes = {o.node_id: o for o in strategy.outcomes}
+    assert outcomes[1].status == "rejected"
+    assert "claims 100000 examples, more than the 40 assigned" in outcomes[1].reason
+    assert "claims 6 steps, more than the 5 assigned" in outcomes[2].reason
 
 
 def bad_replies(sent):
@@ -270,3 +273,25 @@ def test_registered_name_is_paid_and_a_false_claim_is_rejected():
     assert outcomes[1].status == "completed" and outcomes[1].user_id == "alice"
     assert outcomes[2].status == "rejected" and outcomes[2].user_id == "bob"
     assert "registered as 'bob'" in outcomes[2].reason
+
+
+def test_float16_transfer_sends_half_precision_and_keeps_a_float32_model():
+    strategy = make_strategy()
+    strategy.transfer_dtype = "float16"
+    global_arrays = arrays([1.0001, 2.0], [0.5])
+    sent = start_round(strategy, global_arrays, [1, 2])
+    assert sent[1].content["arrays"]["w"].dtype == "float16"
+
+    new, _ = strategy.aggregate_train(
+        1,
+        [
+            reply(sent[1], arrays([3.0, 4.0], [0.5], np.float16)),
+            reply(sent[2], arrays([3.0, 4.0], [0.5])),  # float32: refused
+        ],
+    )
+    # The update is taken against what was sent (1.0001 rounds to 1.0 in
+    # float16) and applied to the float32 model: 1.0001 + 0.1 * (3 - 1).
+    assert new["w"].dtype == "float32"
+    assert values(new)["w"] == pytest.approx([1.2001, 2.2], abs=1e-6)
+    rejected = next(o for o in strategy.outcomes if o.node_id == 2)
+    assert "float32" in rejected.reason and "expected float16" in rejected.reason

@@ -1,0 +1,70 @@
+"""Updates as vectors: robust aggregates, server optimizers and the defences, by hand."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+
+from hydraai.aggregation import Defences, Layout, ServerOptimizer, aggregate
+
+
+def test_layout_round_trip_keeps_names_shapes_and_dtypes():
+    record = ArrayRecord(
+        {
+            "a": Array(np.arange(6, dtype=np.float32).reshape(2, 3)),
+            "b": Array(np.array([7.0], dtype=np.float16)),
+        }
+    )
+    layout = Layout.of(record)
+    flat = layout.flatten(record)
+    assert flat.tolist() == [0, 1, 2, 3, 4, 5, 7]
+    back = layout.unflatten(flat)
+    assert back["a"].numpy().tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert back["b"].dtype == "float16"
+    assert layout.unflatten(flat, "float16")["a"].dtype == "float16"
+
+
+def test_weighted_mean_trimmed_mean_and_median():
+    updates = [np.array([1.0, 10.0]), np.array([2.0, 20.0]), np.array([9.0, -90.0])]
+    mean = aggregate(updates, [1, 1, 2], "mean")
+    assert mean.tolist() == pytest.approx([(1 + 2 + 18) / 4, (10 + 20 - 180) / 4])
+    assert aggregate(updates, [1, 1, 1], "median").tolist() == [2.0, 10.0]
+    # Cutting one reply from each end of three leaves the middle one.
+    trimmed = aggregate(updates, [1, 1, 1], "trimmed-mean", trim_fraction=0.34)
+    assert trimmed.tolist() == [2.0, 10.0]
+    # Too few replies to cut any: the plain mean.
+    untrimmed = aggregate(updates, [1, 1, 1], "trimmed-mean", trim_fraction=0.2)
+    assert untrimmed.tolist() == pytest.approx([4.0, -20.0])
+
+
+def test_server_optimizers_step_by_hand():
+    g, u = np.array([1.0]), np.array([2.0])
+    assert ServerOptimizer("none").step(g, u, 0.1).tolist() == pytest.approx([1.2])
+
+    momentum = ServerOptimizer("momentum", momentum=0.5)
+    assert momentum.step(g, u, 0.1).tolist() == pytest.approx([1.2])  # v = 2
+    assert momentum.step(g, u, 0.1).tolist() == pytest.approx([1.3])  # v = 3
+
+    nesterov = ServerOptimizer("nesterov", momentum=0.5)
+    # v = 2, step = 0.1 * (2 + 0.5 * 2) = 0.3; then v = 3, step = 0.1 * 3.5.
+    assert nesterov.step(g, u, 0.1).tolist() == pytest.approx([1.3])
+    assert nesterov.step(g, u, 0.1).tolist() == pytest.approx([1.35])
+
+
+def test_defences_bound_size_work_and_direction():
+    defences = Defences(learning_rate=0.01, max_update_factor=3.0, min_update_factor=0.25)
+    honest = np.array([0.05, -0.02, 0.001])  # 5 steps move a parameter ~0.05
+    downhill = np.array([1.0, -0.5, 0.0])
+    assert defences.problem(honest, 5, 5, downhill) == ""
+    assert "too large" in defences.problem(honest * 1e3, 5, 5, downhill)
+    assert "free rider" in defences.problem(honest * 0, 5, 5, downhill)
+    # A node that did 1 step but reports 5 moved 5 times too little.
+    assert "free rider" in defences.problem(honest / 5, 5, 5, downhill)
+    assert defences.problem(honest / 5, 1, 5, downhill) == ""
+    assert "uphill" in defences.problem(-honest, 5, 5, downhill)
+    assert defences.problem(-honest, 5, 5, None) == ""
+
+
+def test_outliers_need_three_updates_and_are_judged_against_the_median():
+    defences = Defences(learning_rate=0.01, outlier_factor=3.0)
+    assert defences.outliers([1.0, 100.0]) == [False, False]
+    assert defences.outliers([1.0, 1.2, 0.9, 5.0]) == [False, False, False, True]
