@@ -35,3 +35,7 @@ class InsufficientBalance(LedgerError):
 
 class LedgerBusy(LedgerError):
     """Another process held the ledger's write lock past the busy timeout."""
+
+
+class ReportError(HydraError):
+    """A run has no folder or metrics to report on, or they cannot be read."""

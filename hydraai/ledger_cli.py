@@ -1,4 +1,4 @@
-"""The hydra-ledger command: balances, history, tasks, paid queries, checks, exports."""
+"""The hydra-ledger command: the ledger's balances, tasks and queries; run reports."""
 
 import contextlib
 import csv
@@ -413,3 +413,64 @@ def export(
     except OSError as exc:
         _fail(f"Cannot write {out}: {exc.strerror}; expected a writable file path.")
     typer.echo(f"Wrote {table.value if table else 'every table'} to {out}", err=True)
+
+
+@app.command()
+def report(
+    ctx: typer.Context,
+    run_name: Annotated[
+        str, typer.Argument(metavar="RUN_NAME", help="The run-name to report on.")
+    ],
+    output_dir: Annotated[
+        Path,
+        typer.Option(envvar="HYDRA_OUTPUT_DIR", help="Where the run was written."),
+    ] = DEFAULT_OUTPUT_DIR,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder for the report (default: <output-dir>/RUN_NAME/report)."
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Chart a run's loss, tasks and tokens paid, and summarise it in report.md.
+
+    Writes validation.png, tasks.png, tokens_per_user.png and report.md. The
+    ledger is --db when given, else the run's own, <output-dir>/<ledger-db>.
+
+    Example: hydra-ledger report run-20250101-120000 --out /tmp/report
+    """
+    # Import matplotlib only here: it would slow every other command down
+    from hydraai.report import CHARTS, ledger_path_of, write_report
+
+    # The run's own ledger, unless --db or HYDRA_LEDGER_DB names another
+    run_dir = output_dir / run_name
+    source = ctx.parent.get_parameter_source("db") if ctx.parent else None
+    given = source not in (None, click.core.ParameterSource.DEFAULT)
+    ledger_path = ctx.obj if given else ledger_path_of(run_dir)
+    if run_dir.is_dir() and not ledger_path.is_file():
+        _fail(
+            f"No ledger database at {ledger_path}; expected the file run "
+            f"'{run_name}' paid into. Pass --db PATH or set HYDRA_LEDGER_DB."
+        )
+    try:
+        path = write_report(run_dir, ledger_path, out)
+    except HydraError as exc:
+        _fail(str(exc))
+    except sqlite3.Error as exc:
+        _fail(f"The ledger at {ledger_path} could not be read: {exc}.")
+    except OSError as exc:
+        _fail(
+            f"{exc.strerror}: {exc.filename}; expected a readable run folder and "
+            f"a writable report folder (--out DIR)."
+        )
+
+    files = [path.parent / name for name in (*CHARTS, path.name)]
+    if as_json:
+        _echo_json(
+            {"run_name": run_name, "report": str(path), "files": list(map(str, files))}
+        )
+        return
+    typer.echo(f"Report of run '{run_name}': {path}")
+    for file in files[:-1]:
+        typer.echo(f"  {file}")

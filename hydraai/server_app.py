@@ -133,8 +133,8 @@ def run(grid: Grid, config: RunConfig) -> list[dict]:
             initial_arrays=initial,
             num_rounds=remaining,
             timeout=config.round_timeout,
-            train_config=task_record(config, state),
-            evaluate_config=task_record(config, state),
+            train_config=task_record(config),
+            evaluate_config=task_record(config),
             evaluate_fn=round_end,
         )
     finally:
@@ -255,6 +255,7 @@ def make_strategy(config: RunConfig, state: RunState, ledger: Ledger) -> Blended
         assigned_steps=config.local_steps,
         assigned_examples=config.local_steps * config.batch_size,
         tokenizer_sha256=state.tokenizer_sha256,
+        tokenizer_json=state.tokenizer_json,
         round_offset=state.start_round,
         ledger=ledger,
         run_name=config.run_name,
@@ -287,13 +288,10 @@ def descent_direction(
     )
 
 
-def task_record(config: RunConfig, state: RunState) -> ConfigRecord:
-    """The task description each node receives: config keys and the tokenizer."""
+def task_record(config: RunConfig) -> ConfigRecord:
+    """The task description each node receives; the strategy adds the tokenizer."""
     values = config.to_run_config()
-    record = ConfigRecord({key: values[key] for key in TASK_KEYS})
-    record["tokenizer-json"] = state.tokenizer_json
-    record["tokenizer-sha256"] = state.tokenizer_sha256
-    return record
+    return ConfigRecord({key: values[key] for key in TASK_KEYS})
 
 
 class RoundEnd:

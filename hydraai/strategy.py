@@ -51,6 +51,9 @@ class BlendedFedAvg(FedAvg):
         Training examples those steps cover; the cap on a reply's weight.
     tokenizer_sha256 : str (default: "")
         Fingerprint of the tokenizer every reply must have used.
+    tokenizer_json : str (default: "")
+        The tokenizer itself, sent with every task (added per message, so that
+        Flower's summary of the run's config stays short).
     round_offset : int (default: 0)
         Rounds completed before this start; a resumed run numbers on from there.
     ledger : Ledger or None (default: None)
@@ -80,6 +83,7 @@ class BlendedFedAvg(FedAvg):
         assigned_steps: int = 1,
         assigned_examples: int = 1,
         tokenizer_sha256: str = "",
+        tokenizer_json: str = "",
         round_offset: int = 0,
         ledger: Ledger | None = None,
         run_name: str = "",
@@ -98,6 +102,7 @@ class BlendedFedAvg(FedAvg):
         self.assigned_steps = assigned_steps
         self.assigned_examples = assigned_examples
         self.tokenizer_sha256 = tokenizer_sha256
+        self.tokenizer_json = tokenizer_json
         self.round_offset = round_offset
         self.ledger = ledger
         self.run_name = run_name
@@ -114,6 +119,8 @@ class BlendedFedAvg(FedAvg):
         self.current_sha256 = ""
         self.layout: Layout | None = None
         self.sampled_nodes: list[int] = []
+        # This round's task messages; the Grid sets their message ids on sending.
+        self.sent_messages: list[Message] = []
         # Registered names of authenticated nodes, by node id.
         self.registered: dict[int, str] = {}
         self._warned_unauthenticated = False
@@ -143,6 +150,7 @@ class BlendedFedAvg(FedAvg):
         self.current_sha256 = arrays_sha256(self.sent_arrays)
         config["model-sha256"] = self.current_sha256
         config["tokenizer-sha256"] = self.tokenizer_sha256
+        config["tokenizer-json"] = self.tokenizer_json
         config["transfer-dtype"] = self.transfer_dtype
 
         messages = list(
@@ -151,6 +159,7 @@ class BlendedFedAvg(FedAvg):
             )
         )
         self.sampled_nodes = [m.metadata.dst_node_id for m in messages]
+        self.sent_messages = messages
         self._learn_identities(grid)
         if self.ledger is not None:
             self.ledger.assign_tasks(
@@ -291,9 +300,24 @@ class BlendedFedAvg(FedAvg):
                 "and register each volunteer's key to pay registered identities"
             )
 
+    def _task_node(self, msg: Message) -> int:
+        """The node whose task a reply answers.
+
+        The SuperLink answers for a node that stopped sending heartbeats with
+        an error reply from its own node id; that failure is the lost node's.
+        """
+        node_id = msg.metadata.src_node_id
+        if node_id in self.sampled_nodes:
+            return node_id
+        for sent in self.sent_messages:
+            message_id = sent.metadata.message_id
+            if message_id and message_id == msg.metadata.reply_to_message_id:
+                return sent.metadata.dst_node_id
+        return node_id
+
     def _judge(self, msg: Message) -> tuple[TaskOutcome, float]:
         """The reply's outcome, and its aggregation weight if accepted."""
-        node_id = msg.metadata.src_node_id
+        node_id = self._task_node(msg)
         registered = self.registered.get(node_id)
         if msg.has_error():
             reason = f"error reply: {msg.error.reason}"
@@ -406,6 +430,7 @@ class BlendedFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """Send the new global model for evaluation on the nodes' own data."""
         config["tokenizer-sha256"] = self.tokenizer_sha256
+        config["tokenizer-json"] = self.tokenizer_json
         if self.transfer_dtype != "float32":
             layout = Layout.of(arrays)
             arrays = layout.unflatten(layout.flatten(arrays), self.transfer_dtype)

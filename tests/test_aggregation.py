@@ -1,4 +1,4 @@
-"""Updates as vectors: robust aggregates, server optimizers and the defences, by hand."""
+"""Updates as vectors: robust aggregates, server optimizers, defences, by hand."""
 
 import numpy as np
 import pytest
@@ -51,7 +51,9 @@ def test_server_optimizers_step_by_hand():
 
 
 def test_defences_bound_size_work_and_direction():
-    defences = Defences(learning_rate=0.01, max_update_factor=3.0, min_update_factor=0.25)
+    defences = Defences(
+        learning_rate=0.01, max_update_factor=3.0, min_update_factor=0.25
+    )
     honest = np.array([0.05, -0.02, 0.001])  # 5 steps move a parameter ~0.05
     downhill = np.array([1.0, -0.5, 0.0])
     assert defences.problem(honest, 5, 5, downhill) == ""

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from hydraai import ledger_cli
 from hydraai.ledger_cli import app
 
-COMMANDS = ["balances", "history", "tasks", "query", "verify", "export"]
+COMMANDS = ["balances", "history", "tasks", "query", "verify", "export", "report"]
 
 
 @pytest.fixture
