@@ -360,6 +360,7 @@ class RoundEnd:
             "train_tokens": sum(o.reported_tokens for o in done),
             "tokens_paid": paid,
             "seconds": now - self.last_time,
+            "client_seconds": self.strategy.client_seconds,
         }
         self.last_time = now
         self.record(record)

@@ -126,6 +126,8 @@ class BlendedFedAvg(FedAvg):
         self._warned_unauthenticated = False
         # Outcome of every task of the last training round, for the ledger.
         self.outcomes: list[TaskOutcome] = []
+        # Seconds the nodes report having trained in the last round, summed.
+        self.client_seconds = 0.0
 
     def summary(self) -> None:
         """Log the blend settings, then FedAvg's own summary."""
@@ -177,6 +179,7 @@ class BlendedFedAvg(FedAvg):
         """Check each reply, average the accepted ones and blend them in."""
         server_round += self.round_offset
         replies = list(replies)
+        self.client_seconds = sum(reported_seconds(msg) for msg in replies)
         assert self.current_arrays is not None, "configure_train must run first"
 
         # Judge every reply on its own; a node that sent nothing has failed.
@@ -467,6 +470,14 @@ class BlendedFedAvg(FedAvg):
         if not usable:
             return None
         return aggregate_metricrecords(usable, "num-examples")
+
+
+def reported_seconds(msg: Message) -> float:
+    """The training seconds a reply reports, or 0 if it reports none usable."""
+    metrics = None if msg.has_error() else msg.content.metric_records.get(METRICS)
+    value = metrics.get("train-seconds") if metrics is not None else None
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+    return float(value) if ok else 0.0
 
 
 def check_arrays(arrays: ArrayRecord, reference: ArrayRecord) -> str:
