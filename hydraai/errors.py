@@ -21,6 +21,14 @@ class CheckpointError(HydraError):
     """A checkpoint is missing, damaged or belongs to another model shape."""
 
 
+class RunFailed(Exception):
+    """The ServerApp stopped on a HydraError it has already logged in one line.
+
+    It is not a HydraError, so that nothing catches it short of Flower, which
+    then marks the run as failed.
+    """
+
+
 class LedgerError(HydraError):
     """The ledger database cannot be opened, read or written."""
 

@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ import click
 from flwr.common.config import parse_config_args
 
 from hydraai.config import RunConfig
-from hydraai.errors import ConfigError
+from hydraai.errors import ConfigError, HydraError
 
 STARTUP_TIMEOUT = 30.0
 
@@ -66,7 +67,26 @@ def main(argv: list[str] | None = None) -> int:
     if sample.exists():
         print(f"\nSample from the final model:\n{sample.read_text(encoding='utf-8')}")
     print(f"Outputs: {run_dir}")
+    report_run(run_dir, app_dir / overrides["output-dir"] / overrides["ledger-db"])
     return 0
+
+
+def report_run(run_dir: Path, ledger_path: Path) -> None:
+    """Write the run's report and print where it is; a failure only warns."""
+    # matplotlib is imported only once a run has completed
+    from hydraai.report import write_report
+
+    try:
+        path = write_report(run_dir, ledger_path)
+    except (HydraError, OSError, sqlite3.Error) as err:
+        print(
+            f"warning: the run completed, but its report was not written: {err} "
+            f"(retry with: hydra-ledger report {run_dir.name} "
+            f"--output-dir {run_dir.parent})",
+            file=sys.stderr,
+        )
+        return
+    print(f"Report: {path}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -210,10 +230,10 @@ def run_app(
     return run_id
 
 
-def run_status(env: dict[str, str], run_id: int) -> str:
+def run_status(env: dict[str, str], run_id: int, connection: str = "local") -> str:
     """The run's status as Flower reports it, e.g. "finished:completed"."""
     result = subprocess.run(
-        ["flwr", "ls", "local", "--run-id", str(run_id), "--format", "json"],
+        ["flwr", "ls", connection, "--run-id", str(run_id), "--format", "json"],
         env=env,
         # Away from the app's pyproject.toml, which flwr would try to migrate.
         cwd=env["FLWR_HOME"],

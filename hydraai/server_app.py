@@ -20,7 +20,7 @@ from hydraai.aggregation import Defences, ServerOptimizer
 from hydraai.checkpoint import Checkpoint, write_json_atomic
 from hydraai.config import RunConfig
 from hydraai.data import encode, eval_windows, load_corpus, split_corpus
-from hydraai.errors import CheckpointError, HydraError
+from hydraai.errors import CheckpointError, HydraError, RunFailed
 from hydraai.ledger import Ledger, TaskOutcome
 from hydraai.model import ModelConfig, SimpleTransformer
 from hydraai.protocol import TASK_KEYS
@@ -49,8 +49,9 @@ def main(grid: Grid, context: Context) -> None:
         config = RunConfig.from_run_config(context.run_config)
         run(grid, config)
     except HydraError as err:
+        # One line that says what to fix; raising marks the run as failed.
         logger.error("%s: %s", err.__class__.__name__, err)
-        raise SystemExit(1) from None
+        raise RunFailed(str(err)) from None
 
 
 def setup_logging() -> None:
