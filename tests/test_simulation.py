@@ -3,9 +3,11 @@
 import json
 
 from helpers import simulate, tiny_config
+from typer.testing import CliRunner
 
 from hydraai.checkpoint import Checkpoint
 from hydraai.ledger import Ledger
+from hydraai.ledger_cli import app as ledger_cli
 
 
 def test_a_run_learns_checkpoints_pays_and_resumes(tmp_path):
@@ -33,6 +35,19 @@ def test_a_run_learns_checkpoints_pays_and_resumes(tmp_path):
         assert balances == {"volunteer-0": 4.0, "volunteer-1": 4.0}
         assert ledger.verify() == []
 
+    # A volunteer spends 0.5 of the tokens on a query to the trained model.
+    outputs = tmp_path / "outputs"
+    result = CliRunner().invoke(
+        ledger_cli,
+        ["--db", str(outputs / "ledger.db"), "query", "volunteer-0", "The class",
+         "--max-new-tokens", "12", "--output-dir", str(outputs)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip()
+    with Ledger(outputs / "ledger.db") as ledger:
+        assert ledger.balance("volunteer-0") == 3.5
+        assert ledger.verify() == []
+
     # Started again with more rounds, the same run-name goes on at round 3.
     resumed = simulate(config.replace(num_server_rounds=3))
     assert [r["server_round"] for r in resumed] == [0, 1, 2, 3]
@@ -40,6 +55,6 @@ def test_a_run_learns_checkpoints_pays_and_resumes(tmp_path):
     assert Checkpoint.load(run_dir).server_round == 3
     with Ledger(tmp_path / "outputs" / "ledger.db") as ledger:
         balances = {row["user_id"]: row["balance"] for row in ledger.balances()}
-        assert balances == {"volunteer-0": 6.0, "volunteer-1": 6.0}
+        assert balances == {"volunteer-0": 5.5, "volunteer-1": 6.0}
         assert len(ledger.tasks(run_name="tiny", status="completed")) == 6
         assert ledger.verify() == []
