@@ -270,8 +270,8 @@ def plot_tokens_per_user(
         _note(ax, "no task of this run is in the ledger yet")
     _suptitle(
         fig,
-        f"Tokens paid per user: {_number(total)} to {paid} of the {users} users "
-        "with tasks",
+        f"Tokens paid per user: {_number(total)} tokens in all, "
+        f"to {paid} of {users} users with tasks",
         run_name,
     )
     return fig

@@ -290,7 +290,7 @@ def test_tokens_chart_of_100_users_is_readable():
     boxes = [t.get_window_extent() for t in ax.get_yticklabels()]
     assert not any(a.overlaps(b) for a, b in zip(boxes, boxes[1:], strict=False))
     assert ax.get_xlabel() == "tokens"
-    assert "to 99 of the 100 users" in fig.get_suptitle()
+    assert "to 99 of 100 users" in fig.get_suptitle()
 
 
 def test_a_dollar_in_a_user_id_is_drawn_as_is():
