@@ -26,8 +26,8 @@ class RunConfig:
     fraction_evaluate: float = 1.0
     round_timeout: float = 600.0
     local_steps: int = 10
-    batch_size: int = 16
-    learning_rate: float = 0.002
+    batch_size: int = 8
+    learning_rate: float = 0.003
     block_size: int = 128
     vocab_size: int = 10000
     n_embd: int = 256

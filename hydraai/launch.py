@@ -45,11 +45,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --run-config: {err.message}", file=sys.stderr)
         return 2
 
+    # SIGTERM unwinds like Ctrl-C, so the SuperLink is stopped either way.
+    signal.signal(signal.SIGTERM, _interrupt)
     env = flower_env(app_dir, Path(args.flwr_home) if args.flwr_home else None)
     superlink = start_superlink(env, app_dir)
     try:
         run_id = run_app(env, app_dir, overrides, args.num_supernodes)
         status = run_status(env, run_id) if run_id is not None else "unknown"
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: stopped the run and every process it started; resume it "
+            f"with --run-config \"run-name='{overrides['run-name']}'\"",
+            file=sys.stderr,
+        )
+        return 130
     finally:
         stop_tree(superlink)
 
@@ -69,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Outputs: {run_dir}")
     report_run(run_dir, app_dir / overrides["output-dir"] / overrides["ledger-db"])
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def report_run(run_dir: Path, ledger_path: Path) -> None:
