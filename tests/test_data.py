@@ -107,3 +107,12 @@ def test_encode_separates_records_and_batches_are_shifted_by_one(builtin):
     assert x.shape == y.shape == (4, 8) and torch.equal(y, x + 1)
     xs, ys = eval_windows(stream, 8, max_windows=5)
     assert xs.shape == (5, 8) and torch.equal(ys, xs + 1)
+
+
+def test_a_hub_name_goes_to_the_hub_and_fails_cleanly_offline(monkeypatch):
+    import datasets
+
+    # Tests never touch the network: the hub is switched off, not mocked.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match="could not load hub dataset 'org/corpus'"):
+        load_corpus("org/corpus")
