@@ -37,14 +37,9 @@ LOCAL_EVAL_FRACTION = 0.1
 def train(msg: Message, context: Context) -> Message:
     """Train the received model for the assigned steps and send it back."""
     config = msg.content[CONFIG]
-    task = task_config(config)
-    tokenizer_json, tokenizer_sha = config["tokenizer-json"], config["tokenizer-sha256"]
-    train_tokens, _ = local_tokens(
-        task, dict(context.node_config), tokenizer_json, tokenizer_sha
-    )
+    task, model, (train_tokens, _) = receive(msg, context)
 
-    # Load the global weights into a fresh model and train it locally.
-    model = build_model(task, tokenizer_json, tokenizer_sha, msg.content[ARRAYS])
+    # Train the received weights locally, seeded by run, round and node.
     seed = (
         task.seed * 1_000_003
         + int(config["server-round"]) * 7919
@@ -80,7 +75,7 @@ def train(msg: Message, context: Context) -> Message:
                 {
                     "user-id": user_id(dict(context.node_config)),
                     "model-sha256": config["model-sha256"],
-                    "tokenizer-sha256": tokenizer_sha,
+                    "tokenizer-sha256": config["tokenizer-sha256"],
                 }
             ),
         }
@@ -91,17 +86,24 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the received model on the held-back part of the local shard."""
-    config = msg.content[CONFIG]
-    task = task_config(config)
-    tokenizer_json, tokenizer_sha = config["tokenizer-json"], config["tokenizer-sha256"]
-    _, eval_tokens = local_tokens(
-        task, dict(context.node_config), tokenizer_json, tokenizer_sha
-    )
-
-    model = build_model(task, tokenizer_json, tokenizer_sha, msg.content[ARRAYS])
+    _, model, (_, eval_tokens) = receive(msg, context)
     loss, count = evaluate_loss(model, eval_tokens, max_windows=16)
     metrics = MetricRecord({"eval-loss": loss, "num-examples": count})
     return Message(RecordDict({METRICS: metrics}), reply_to=msg)
+
+
+def receive(
+    msg: Message, context: Context
+) -> tuple[RunConfig, SimpleTransformer, tuple[torch.Tensor, torch.Tensor]]:
+    """The task, a model holding the received weights, and the node's token streams."""
+    config = msg.content[CONFIG]
+    task = task_config(config)
+    tokenizer_json, tokenizer_sha = config["tokenizer-json"], config["tokenizer-sha256"]
+    tokens = local_tokens(
+        task, dict(context.node_config), tokenizer_json, tokenizer_sha
+    )
+    model = build_model(task, tokenizer_json, tokenizer_sha, msg.content[ARRAYS])
+    return task, model, tokens
 
 
 def task_config(config: ConfigRecord) -> RunConfig:
