@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 NUM_SUPERNODES ?= 4
 RUN_CONFIG ?=
+# e.g. make bench BENCH_ARGS="--quick" or BENCH_ARGS="--ledger --no-wait"
+BENCH_ARGS ?=
 
 .PHONY: setup run test lint bench clean
 
@@ -26,6 +28,10 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest
+
+# About 25 minutes on 2 cores; writes docs/benchmarks.md (see bench/__main__.py).
+bench: $(STAMP)
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .flwr outputs .pytest_cache .ruff_cache

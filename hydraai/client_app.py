@@ -129,9 +129,19 @@ def build_model(
 ) -> SimpleTransformer:
     """A model of the task's shape holding the received weights, on the best device."""
     tokenizer = cached_tokenizer(tokenizer_json, tokenizer_sha)
-    model = SimpleTransformer(ModelConfig.from_run(task, tokenizer.get_vocab_size()))
+    model = reusable_model(ModelConfig.from_run(task, tokenizer.get_vocab_size()))
     model.load_state_dict(arrays.to_torch_state_dict())
-    return model.to(pick_device())
+    return model
+
+
+# A new model draws random weights that load_state_dict then overwrites, which
+# costs more than the load itself. A simulation runs task after task in one
+# process, so it keeps its model and loads each task's weights into it; every
+# parameter is overwritten, and replies hold copies, never the live tensors.
+@functools.lru_cache(maxsize=1)
+def reusable_model(config: ModelConfig) -> SimpleTransformer:
+    """The model this process loads received weights into."""
+    return SimpleTransformer(config).to(pick_device())
 
 
 @functools.lru_cache(maxsize=2)
@@ -160,7 +170,9 @@ def local_tokens(
     )
 
 
-@functools.lru_cache(maxsize=4)
+# In a simulation one Ray actor serves every partition in turn: the cache must
+# hold them all, or each task tokenises its shard again.
+@functools.lru_cache(maxsize=256)
 def _local_tokens(
     dataset: str,
     text_column: str,

@@ -284,9 +284,7 @@ def descent_direction(
     _, loss = model(x, y)
     loss.backward()
     params = dict(model.named_parameters())
-    return np.concatenate(
-        [-params[name].grad.numpy().astype(np.float64).ravel() for name in arrays]
-    )
+    return np.concatenate([-params[name].grad.numpy().ravel() for name in arrays])
 
 
 def task_record(config: RunConfig) -> ConfigRecord:
