@@ -1,0 +1,1 @@
+"""HydraAI's performance benchmarks: run them with `python -m bench`."""

@@ -1,0 +1,165 @@
+"""Section 4: validation loss per token, centralized against the federation."""
+
+from __future__ import annotations
+
+from bench.common import SectionResult, declared_config, new_section, print_table, say
+from bench.emulate import NODES, History, centralized, federation
+from bench.flower_run import hydra_run
+
+# Server-optimizer settings compared at the default blend-rate.
+SETTINGS = (
+    ("none", 0.9),
+    ("momentum", 0.9),
+    ("nesterov", 0.9),
+    ("nesterov", 0.95),
+    ("nesterov", 0.99),
+)
+QUICK_SETTINGS = (("none", 0.9), ("nesterov", 0.9))
+# Not a candidate: plain FedAvg, the blend's own upper reference.
+FEDAVG = "FedAvg (blend 1.0, reference)"
+
+
+def label(kind: str, momentum: float) -> str:
+    return "plain blend" if kind == "none" else f"{kind} {momentum}"
+
+
+def tokens_to_reach(history: History, target: float) -> float | None:
+    """Tokens trained when validation loss first fell to target, if it did.
+
+    Interpolated linearly between the two validations around the crossing.
+    """
+    points = list(zip(history.tokens, history.val_loss, strict=True))
+    for (t0, l0), (t1, l1) in zip(points, points[1:], strict=False):
+        if l1 <= target:
+            return t0 + (t1 - t0) * (l0 - target) / (l0 - l1)
+    return None
+
+
+def real_check(section: SectionResult) -> None:
+    """A short real Flower run, emulated again with its own node ids."""
+    rounds, steps = 2, 3
+    run_config = {"num-server-rounds": rounds, "local-steps": steps}
+    real = hydra_run("learning-check", len(NODES), run_config)
+    if not real.ok:
+        section.note("the real Flower check did not complete")
+        return
+    by_partition = sorted(real.node_partitions().items(), key=lambda item: item[1])
+    node_ids = [node for node, _ in by_partition]
+    emulated = federation(
+        declared_config(num_server_rounds=rounds, local_steps=steps), node_ids
+    ).run_until(rounds)
+
+    table = section.table(
+        f"Real Flower run against the emulation ({len(NODES)} nodes, "
+        f"local-steps {steps}, the real run's node ids)",
+        ["round", "real val loss", "emulated val loss", "difference"],
+    )
+    worst = 0.0
+    for record in real.records:
+        r = record["server_round"]
+        difference = emulated.val_loss[r] - record["val_loss"]
+        worst = max(worst, abs(difference))
+        table.rows.append([r, record["val_loss"], emulated.val_loss[r], difference])
+    print_table(table)
+    section.note(
+        f"The emulation matches the real Flower run to {worst:.1e} nats in "
+        f"validation loss over rounds 0-{rounds}."
+    )
+
+
+def run(quick: bool) -> SectionResult:
+    section = new_section("learning", "4. Learning efficiency", quick)
+    base = declared_config()
+    settings = QUICK_SETTINGS if quick else SETTINGS
+    central_rounds = 2 if quick else 4
+    # Each federation trains up to 1.5x the centralized tokens (rounded up).
+    fed_rounds = -(-central_rounds * 3 // 2)
+    steps_per_round = len(NODES) * base.local_steps
+    section.settings = {
+        "federation": f"{len(NODES)} IID nodes, pyproject.toml's config "
+        f"(blend-rate {base.blend_rate}, local-steps {base.local_steps}, batch "
+        f"{base.batch_size}, learning-rate {base.learning_rate}), up to "
+        f"{fed_rounds} rounds; emulated in-process with the real strategy and "
+        "ClientApp",
+        "centralized": f"one AdamW on the whole training split, "
+        f"{central_rounds * steps_per_round} steps of batch {base.batch_size} "
+        f"(the tokens of {central_rounds} federation rounds), validated at the "
+        "same token counts",
+        "target loss": "the centralized run's final validation loss",
+    }
+
+    say(f"  centralized: {central_rounds * steps_per_round} steps")
+    central = centralized(base, central_rounds * steps_per_round, steps_per_round)
+    target = central.val_loss[-1]
+    budget = central.tokens[-1]
+    runs: dict[str, History] = {}
+    for kind, momentum in settings:
+        config = base.replace(server_optimizer=kind, server_momentum=momentum)
+        say(f"  federation, {label(kind, momentum)}: {fed_rounds} rounds")
+        runs[label(kind, momentum)] = federation(config, NODES).run_until(fed_rounds)
+    if not quick:
+        say(f"  federation, {FEDAVG}: {fed_rounds} rounds")
+        runs[FEDAVG] = federation(base.replace(blend_rate=1.0), NODES).run_until(
+            fed_rounds
+        )
+
+    # Validation loss side by side at equal tokens.
+    curves = section.table(
+        "Validation loss at equal tokens (nats/token)",
+        ["round", "tokens", "centralized"] + list(runs),
+    )
+    for r in range(fed_rounds + 1):
+        tokens = next(iter(runs.values())).tokens[r]
+        row = [r, tokens, central.val_loss[r] if r <= central_rounds else None]
+        curves.rows.append(row + [h.val_loss[r] for h in runs.values()])
+    print_table(curves)
+
+    reach = section.table(
+        f"Tokens to reach the centralized final loss {target:.4f}",
+        ["setting", f"loss at {budget:,} tokens", "tokens to target", "x centralized"],
+    )
+    reach.rows.append(["centralized", target, budget, "1.00"])
+    needed = {name: tokens_to_reach(h, target) for name, h in runs.items()}
+    for name, history in runs.items():
+        reach.rows.append(
+            [
+                name,
+                history.val_loss[central_rounds],
+                needed[name] or f"> {history.tokens[-1]:,}",
+                f"{needed[name] / budget:.2f}"
+                if needed[name]
+                else f"> {history.tokens[-1] / budget:.2f}",
+            ]
+        )
+    print_table(reach)
+
+    # The best setting: the fewest tokens to the target, else the lowest loss.
+    candidates = [name for name in runs if name != FEDAVG]
+    reached = {name: needed[name] for name in candidates if needed[name]}
+    if reached:
+        best = min(reached, key=reached.get)
+        measured = f"best: {best}, {reached[best] / budget:.2f}x"
+    else:
+        best = min(candidates, key=lambda name: runs[name].val_loss[-1])
+        measured = (
+            f"best: {best}, not reached within {fed_rounds / central_rounds:.1f}x "
+            f"(loss {runs[best].val_loss[-1]:.4f} against {target:.4f})"
+        )
+    section.target(
+        "with the best server optimizer, the federation reaches the centralized "
+        "final validation loss within 1.5x its tokens",
+        measured,
+        best in reached and reached[best] <= 1.5 * budget,
+    )
+    seconds = {name: h.seconds for name, h in runs.items()}
+    section.note(
+        "Emulated seconds per federation: "
+        + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items())
+        + f"; centralized {central.seconds:.0f}s."
+    )
+
+    if quick:
+        section.note("quick mode: the real Flower check of the emulation is skipped")
+    else:
+        real_check(section)
+    return section
