@@ -60,13 +60,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     chosen = [name for name in ORDER if getattr(args, name)] or list(ORDER)
-    command = "python -m bench " + shlex.join(
-        argv if argv is not None else sys.argv[1:]
-    )
+    flags = shlex.join(argv if argv is not None else sys.argv[1:])
+    command = f"python -m bench {flags}".strip()
     info = machine()
     say("Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
-    if not args.no_wait:
-        wait_for_quiet()
+    load = os.getloadavg()[0] if args.no_wait else wait_for_quiet()
+    info["1-minute load at the start"] = f"{load:.2f}"
 
     runners = {
         "throughput": lambda: throughput.run(args.quick),
@@ -86,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         section.save()
         say(f"  ({name}: {section.seconds:.0f}s)")
 
+    info["date"] = time.strftime("%Y-%m-%d %H:%M %Z")
+    info["run time"] = f"{time.perf_counter() - start:.0f} s for {', '.join(chosen)}"
     path = report.write(Path(args.out), info, command)
     say(f"\nAll done in {time.perf_counter() - start:.0f}s; wrote {path}")
     return 0

@@ -25,6 +25,7 @@ from hydraai.client_app import app as client_app
 from hydraai.config import RunConfig
 from hydraai.data import encode, load_corpus, random_batch, split_corpus
 from hydraai.model import SimpleTransformer
+from hydraai.protocol import METRICS
 from hydraai.server_app import RunState
 from hydraai.tokenizer import eot_id
 from hydraai.training import evaluate_loss
@@ -57,6 +58,7 @@ class History:
     val_loss: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
+    rejected: list[int] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -113,13 +115,16 @@ class Federation:
         new, metrics = self.strategy.aggregate_train(server_round, replies)
         if new is not None:
             self.arrays = new
+        # Every reply's tokens count, rejected ones too: they were computed.
+        trained = sum(int(r.content[METRICS]["train-tokens"]) for r in replies)
 
         # Score it as the server does after every round.
         loss = validate(self.state, self.arrays)
         history = self.history
         history.val_loss.append(loss)
-        history.tokens.append(history.tokens[-1] + int(metrics["train-tokens"]))
+        history.tokens.append(history.tokens[-1] + trained)
         history.accepted.append(int(metrics["accepted"]))
+        history.rejected.append(len(replies) - int(metrics["accepted"]))
         history.seconds += time.perf_counter() - start
         return loss
 

@@ -157,8 +157,9 @@ def run(quick: bool, shared: dict | None = None) -> SectionResult:
         + (
             ""
             if quick
-            else f"then {largest} supernodes for 3 rounds of the "
-            f"default local-steps {default_steps}; "
+            else f"then {largest} supernodes for 3 rounds without federated "
+            f"evaluation, and for 3 rounds of the default local-steps "
+            f"{default_steps}; "
         )
         + "otherwise pyproject.toml's config (fraction-evaluate 1.0: every "
         "node also evaluates every round)",
@@ -183,7 +184,7 @@ def run(quick: bool, shared: dict | None = None) -> SectionResult:
         no_eval = hydra_run(
             f"federation-{largest}-no-evaluate",
             largest,
-            {**config(rounds, LOCAL_STEPS), "fraction-evaluate": 0.0},
+            {**config(3, LOCAL_STEPS), "fraction-evaluate": 0.0},
         )
         measured.append((largest, LOCAL_STEPS, summarize(no_eval, LOCAL_STEPS, "0.0")))
         default_run = hydra_run(

@@ -7,7 +7,7 @@ import shutil
 import sqlite3
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,20 @@ class FlowerRun:
     @property
     def ok(self) -> bool:
         return self.returncode == 0 and len(self.records) > 1
+
+    def save(self) -> None:
+        """Write what the run measured beside it, for a later section to read."""
+        data = {k: v for k, v in asdict(self).items() if k != "run_dir"}
+        (self.run_dir / "summary.json").write_text(json.dumps(data, indent=2))
+
+    @classmethod
+    def load(cls, label: str) -> FlowerRun | None:
+        """A run saved by an earlier invocation, if its folder is still there."""
+        run_dir = RESULTS / "runs" / label
+        path = run_dir / "summary.json"
+        if not path.exists():
+            return None
+        return cls(**json.loads(path.read_text()), run_dir=run_dir)
 
     def rounds(self) -> list[dict[str, Any]]:
         """The records of the trained rounds (round 0 is the initial model)."""
@@ -132,4 +146,5 @@ def hydra_run(
     )
     if not run.ok:
         say(f"  {label} did not complete: see {run_dir / 'hydra-run.log'}")
+    run.save()
     return run

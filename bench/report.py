@@ -31,7 +31,8 @@ def write(path: Path, machine: dict[str, str], command: str) -> Path:
         "`.venv/bin/python -m bench --ledger`; `--quick` runs a shorter version "
         "of each.",
         "",
-        f"Command: `{command}`",
+        f"Command: `{command}` (`make bench` runs `python -m bench`; "
+        "`make bench BENCH_ARGS=...` passes flags)",
         "",
         *markdown_table(["machine", ""], [[k, v] for k, v in machine.items()]),
         "",

@@ -21,6 +21,8 @@ def run(quick: bool, smaller: dict[int, FlowerRun] | None = None) -> SectionResu
         "runs": f"hydra-run, {rounds} rounds, local-steps {LOCAL_STEPS}, "
         f"fraction-train {FRACTION} and fraction-evaluate {FRACTION} (at the "
         "default 1.0 every one of the nodes would also evaluate every round)",
+        "smaller runs": "2, 5 and 10 supernodes are section 2's runs (fraction "
+        "1.0, 4 rounds), reused",
         "memory": "sampled every second over the whole process tree of "
         "hydra-run: SuperLink, flwr-simulation (ServerApp), Ray and its "
         "workers; RSS summed as asked (a page shared by n processes counts n "
@@ -32,7 +34,11 @@ def run(quick: bool, smaller: dict[int, FlowerRun] | None = None) -> SectionResu
         "fraction-train": FRACTION,
         "fraction-evaluate": FRACTION,
     }
+    # Section 2's runs at 2, 5 and 10 supernodes, from this invocation or saved.
     runs = dict(smaller or {})
+    for n in (2, 5, 10):
+        if n not in runs and (saved := FlowerRun.load(f"federation-{n}")):
+            runs[n] = saved
     for n in counts:
         runs[n] = hydra_run(f"scale-{n}", n, config)
 
