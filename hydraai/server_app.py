@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
@@ -246,9 +245,7 @@ def make_strategy(config: RunConfig, state: RunState, ledger: Ledger) -> Blended
     )
     downhill = None
     if config.probe_windows > 0:
-        downhill = functools.partial(
-            descent_direction, state.model_config, state.probe_tokens
-        )
+        downhill = DescentProbe(state.model_config, state.probe_tokens)
     optimizer = ServerOptimizer(config.server_optimizer, config.server_momentum)
     optimizer.velocity = state.velocity
     return BlendedFedAvg(
@@ -274,17 +271,24 @@ def make_strategy(config: RunConfig, state: RunState, ledger: Ledger) -> Blended
     )
 
 
-def descent_direction(
-    model_config: ModelConfig, tokens: torch.Tensor, arrays: ArrayRecord
-) -> np.ndarray:
-    """The flat negative gradient of the loss on held-out text, in arrays' order."""
-    model = SimpleTransformer(model_config)
-    model.load_state_dict(arrays.to_torch_state_dict())
-    x, y = eval_windows(tokens, model_config.block_size, len(tokens))
-    _, loss = model(x, y)
-    loss.backward()
-    params = dict(model.named_parameters())
-    return np.concatenate([-params[name].grad.numpy().ravel() for name in arrays])
+class DescentProbe:
+    """The flat negative gradient of the loss on held-out text, in arrays' order.
+
+    One model is built for the run and loaded with each round's weights.
+    """
+
+    def __init__(self, model_config: ModelConfig, tokens: torch.Tensor) -> None:
+        # Eval mode: dropout off, so the direction depends on the weights alone.
+        self.model = SimpleTransformer(model_config).eval()
+        self.x, self.y = eval_windows(tokens, model_config.block_size, len(tokens))
+
+    def __call__(self, arrays: ArrayRecord) -> np.ndarray:
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        self.model.zero_grad(set_to_none=True)
+        _, loss = self.model(self.x, self.y)
+        loss.backward()
+        params = dict(self.model.named_parameters())
+        return np.concatenate([-params[name].grad.numpy().ravel() for name in arrays])
 
 
 def task_record(config: RunConfig) -> ConfigRecord:

@@ -116,6 +116,8 @@ class BlendedFedAvg(FedAvg):
         self.current_arrays: ArrayRecord | None = None
         # The global model as sent to nodes, in transfer_dtype, and its hash.
         self.sent_arrays: ArrayRecord | None = None
+        self.current_vector: np.ndarray | None = None
+        self.sent_vector: np.ndarray | None = None
         self.current_sha256 = ""
         self.layout: Layout | None = None
         self.sampled_nodes: list[int] = []
@@ -145,10 +147,14 @@ class BlendedFedAvg(FedAvg):
         """Sample nodes and send each the global model with its fingerprint."""
         self.current_arrays = arrays
         self.layout = Layout.of(arrays)
-        self.sent_arrays = arrays
+        # Flattened once here; aggregate_train steps from one, measures from the other.
+        self.current_vector = self.layout.flatten(arrays)
+        self.sent_arrays, self.sent_vector = arrays, self.current_vector
         if self.transfer_dtype != "float32":
-            flat = self.layout.flatten(arrays)
-            self.sent_arrays = self.layout.unflatten(flat, self.transfer_dtype)
+            self.sent_arrays = self.layout.unflatten(
+                self.current_vector, self.transfer_dtype
+            )
+            self.sent_vector = self.layout.flatten(self.sent_arrays)
         self.current_sha256 = arrays_sha256(self.sent_arrays)
         config["model-sha256"] = self.current_sha256
         config["tokenizer-sha256"] = self.tokenizer_sha256
@@ -229,18 +235,16 @@ class BlendedFedAvg(FedAvg):
             self.aggregation,
             self.trim_fraction,
         )
-        new = self.server_optimizer.step(
-            self.layout.flatten(self.current_arrays), combined, self.blend_rate
-        )
+        new = self.server_optimizer.step(self.current_vector, combined, self.blend_rate)
         return self.layout.unflatten(new), metrics
 
     def _screen_updates(
         self, server_round: int, candidates: list[tuple[Message, float]]
     ) -> dict[Message, np.ndarray]:
         """The updates that pass the defences, by reply; the rest are rejected."""
-        base = self.layout.flatten(self.sent_arrays)
         updates = {
-            m: self.layout.flatten(m.content[ARRAYS]) - base for m, _ in candidates
+            m: self.layout.flatten(m.content[ARRAYS]) - self.sent_vector
+            for m, _ in candidates
         }
         if self.defences is None or not updates:
             return updates

@@ -2,9 +2,13 @@
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord
 
 from hydraai.aggregation import Defences, Layout, ServerOptimizer, aggregate
+from hydraai.data import eval_windows
+from hydraai.model import ModelConfig, SimpleTransformer
+from hydraai.server_app import DescentProbe
 
 
 def test_layout_round_trip_keeps_names_shapes_and_dtypes():
@@ -70,3 +74,26 @@ def test_outliers_need_three_updates_and_are_judged_against_the_median():
     defences = Defences(learning_rate=0.01, outlier_factor=3.0)
     assert defences.outliers([1.0, 100.0]) == [False, False]
     assert defences.outliers([1.0, 1.2, 0.9, 5.0]) == [False, False, False, True]
+
+
+def test_descent_probe_is_the_negative_gradient_each_call_afresh():
+    config = ModelConfig(vocab_size=50, block_size=8, n_embd=16, n_layer=1, n_head=2)
+    tokens = torch.randint(
+        0, 50, (8 * 4 + 1,), generator=torch.Generator().manual_seed(1)
+    )
+    model = SimpleTransformer(config)
+    arrays = ArrayRecord(model.state_dict())
+    probe = DescentProbe(config, tokens)
+
+    x, y = eval_windows(tokens, config.block_size, len(tokens))
+    _, loss = model(x, y)
+    loss.backward()
+    params = dict(model.named_parameters())
+    expected = np.concatenate([-params[n].grad.numpy().ravel() for n in arrays])
+
+    # Called twice: gradients must not pile up across rounds.
+    for _ in range(2):
+        assert np.allclose(probe(arrays), expected, atol=1e-6)
+    # The probe follows the weights it is given.
+    moved = ArrayRecord({k: v * 1.5 for k, v in model.state_dict().items()})
+    assert not np.allclose(probe(moved), expected, atol=1e-3)
