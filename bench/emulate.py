@@ -26,6 +26,7 @@ from hydraai.config import RunConfig
 from hydraai.data import encode, load_corpus, random_batch, split_corpus
 from hydraai.model import SimpleTransformer
 from hydraai.protocol import METRICS
+from hydraai.schedule import warmup
 from hydraai.server_app import RunState
 from hydraai.tokenizer import eot_id
 from hydraai.training import evaluate_loss
@@ -149,8 +150,9 @@ def federation(config: RunConfig, node_ids: list[int]) -> Federation:
 def centralized(config: RunConfig, steps: int, eval_every: int) -> History:
     """One AdamW on the whole training split, from the same initial model.
 
-    Uses the same batch sampler, batch size, learning rate and validation as
-    the federation; the validation loss is taken every eval_every steps.
+    Uses the same batch sampler, batch size, learning rate, warmup (once, at
+    the start) and validation as the federation; the validation loss is taken
+    every eval_every steps.
     """
     state, initial = prepared(config)
     tokenizer = Tokenizer.from_str(state.tokenizer_json)
@@ -164,6 +166,7 @@ def centralized(config: RunConfig, steps: int, eval_every: int) -> History:
     model = SimpleTransformer(state.model_config)
     model.load_state_dict(initial.to_torch_state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
+    schedule = warmup(optimizer, config.warmup_steps)
     generator = torch.Generator().manual_seed(config.seed)
     history = History(
         val_loss=[evaluate_loss(model, state.val_tokens, server_app.VAL_WINDOWS)[0]],
@@ -178,6 +181,7 @@ def centralized(config: RunConfig, steps: int, eval_every: int) -> History:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        schedule.step()
         if step % eval_every == 0 or step == steps:
             val, _ = evaluate_loss(model, state.val_tokens, server_app.VAL_WINDOWS)
             history.val_loss.append(val)

@@ -15,8 +15,12 @@ SETTINGS = (
     ("nesterov", 0.9),
 )
 QUICK_SETTINGS = (("none", 0.9), ("nesterov", 0.9))
-# Not a candidate: plain FedAvg, the blend's own upper reference.
+# Not candidates: plain FedAvg, the blend's own upper reference, and one AdamW
+# stepping on all nodes' batches at once: what a synchronous data-parallel run
+# (communicating every step) would learn from the federation's tokens.
 FEDAVG = "FedAvg (blend 1.0, reference)"
+WIDE = "centralized, the nodes' batches in one (reference)"
+REFERENCES = (FEDAVG, WIDE)
 
 
 def label(kind: str, momentum: float) -> str:
@@ -86,6 +90,9 @@ def run(quick: bool) -> SectionResult:
         f"(the tokens of {central_rounds} federation rounds), validated at the "
         "same token counts",
         "target loss": "the centralized run's final validation loss",
+        "references": f"FedAvg (blend-rate 1.0); and one AdamW whose every step "
+        f"takes a batch of {len(NODES) * base.batch_size}, the {len(NODES)} nodes' "
+        f"batches together, {base.local_steps} steps per round's tokens",
     }
 
     say(f"  centralized: {central_rounds * steps_per_round} steps")
@@ -102,6 +109,9 @@ def run(quick: bool) -> SectionResult:
         runs[FEDAVG] = federation(base.replace(blend_rate=1.0), NODES).run_until(
             fed_rounds
         )
+        wide = base.replace(batch_size=len(NODES) * base.batch_size)
+        say(f"  {WIDE}: {fed_rounds * base.local_steps} steps of {wide.batch_size}")
+        runs[WIDE] = centralized(wide, fed_rounds * base.local_steps, base.local_steps)
 
     # Validation loss side by side at equal tokens.
     curves = section.table(
@@ -147,7 +157,7 @@ def run(quick: bool) -> SectionResult:
     print_table(reach)
 
     # The best setting: the fewest tokens to the target, else the lowest loss.
-    candidates = [name for name in runs if name != FEDAVG]
+    candidates = [name for name in runs if name not in REFERENCES]
     reached = {name: needed[name] for name in candidates if needed[name]}
     if reached:
         best = min(reached, key=reached.get)

@@ -66,7 +66,9 @@ def compare(
         for first in (True, False) if repeat % 2 == 0 else (False, True):
             start = time.perf_counter()
             if first:
-                done = train_steps(ours, *args, seed=repeat + 1).tokens
+                done = train_steps(
+                    ours, *args, seed=repeat + 1, warmup_steps=config.warmup_steps
+                ).tokens
                 ours_rates.append(done / (time.perf_counter() - start))
             else:
                 done = plain_loop(plain, *args, generator)

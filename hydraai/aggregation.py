@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from hydraai.schedule import warmup_factors
+
 AGGREGATIONS = ("mean", "trimmed-mean", "median")
 SERVER_OPTIMIZERS = ("none", "momentum", "nesterov")
 
@@ -61,14 +63,18 @@ class Defences:
 
     AdamW moves each parameter by at most about one learning rate per step,
     and in practice some parameter by almost exactly that, so the largest
-    change in an honest update is close to steps * learning_rate. That gives
-    an upper bound (scaled or forged updates) and a lower one (a node that
-    claims work it did not do). The direction check follows FLTrust (Cao et
-    al., NDSS 2021): an honest update points downhill on text the server
-    holds back, so its cosine with the negative server gradient is positive.
+    change in an honest update is close to the sum of the rates of its steps:
+    learning_rate times the number of steps, less what the warmup holds back.
+    That gives an upper bound (scaled or forged updates) and a lower one (a
+    node that claims work it did not do). The direction check follows FLTrust
+    (Cao et al., NDSS 2021): an honest update points downhill on text the
+    server holds back, so its cosine with the step AdamW would take there
+    (the sign of the negative gradient) is clearly positive; a sign-flipped
+    update's is as clearly negative, and random noise's is near zero.
     """
 
     learning_rate: float
+    warmup_steps: int = 0
     max_update_factor: float = 3.0
     min_update_factor: float = 0.25
     outlier_factor: float = 3.0
@@ -83,13 +89,14 @@ class Defences:
     ) -> str:
         """Why one update cannot be averaged, or "" if it can."""
         largest = float(np.abs(update).max()) if update.size else 0.0
-        ceiling = self.max_update_factor * assigned_steps * self.learning_rate
+        ceiling = self.max_update_factor * self.reach(assigned_steps)
         if largest > ceiling:
             return (
                 f"update too large: a parameter moved {largest:.3g}, more than "
-                f"{ceiling:.3g} (max-update-factor x local-steps x learning-rate)"
+                f"{ceiling:.3g} (max-update-factor x the learning rates of "
+                "local-steps steps)"
             )
-        floor = self.min_update_factor * min(steps, assigned_steps) * self.learning_rate
+        floor = self.min_update_factor * self.reach(min(steps, assigned_steps))
         if largest < floor:
             return (
                 f"free rider: the update moved no parameter more than {largest:.3g}, "
@@ -99,10 +106,15 @@ class Defences:
             cosine = cosine_similarity(update, downhill)
             if cosine < self.min_cosine:
                 return (
-                    f"update points uphill on held-out text (cosine {cosine:.3f} "
-                    f"with the server's descent direction, minimum {self.min_cosine})"
+                    f"update does not point downhill on held-out text (cosine "
+                    f"{cosine:.3f} with the server's own AdamW step there, minimum "
+                    f"{self.min_cosine})"
                 )
         return ""
+
+    def reach(self, steps: int) -> float:
+        """How far AdamW can move a parameter in `steps` steps: their summed rates."""
+        return self.learning_rate * sum(warmup_factors(steps, self.warmup_steps))
 
     def outliers(self, norms: list[float]) -> list[bool]:
         """Which updates are far longer than the round's median (needs 3 or more)."""

@@ -46,7 +46,13 @@ def train(msg: Message, context: Context) -> Message:
         + context.node_id % 7919
     )
     report = train_steps(
-        model, train_tokens, task.local_steps, task.batch_size, task.learning_rate, seed
+        model,
+        train_tokens,
+        task.local_steps,
+        task.batch_size,
+        task.learning_rate,
+        seed,
+        task.warmup_steps,
     )
     logger.debug(
         "trained %d steps, loss %.4f in %.1fs",

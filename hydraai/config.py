@@ -28,6 +28,7 @@ class RunConfig:
     local_steps: int = 10
     batch_size: int = 8
     learning_rate: float = 0.003
+    warmup_steps: int = 5
     block_size: int = 128
     vocab_size: int = 10000
     n_embd: int = 256
@@ -44,7 +45,7 @@ class RunConfig:
     max_update_factor: float = 3.0
     min_update_factor: float = 0.25
     outlier_factor: float = 3.0
-    min_cosine: float = 0.0
+    min_cosine: float = 0.05
     probe_windows: int = 8
     server_optimizer: str = "none"
     server_momentum: float = 0.9
@@ -127,6 +128,12 @@ class RunConfig:
             self.learning_rate,
             0.0 < self.learning_rate < 1.0,
             "a number in (0, 1)",
+        )
+        _check(
+            "warmup-steps",
+            self.warmup_steps,
+            self.warmup_steps >= 0,
+            "an integer >= 0 (steps trained below the full learning rate)",
         )
         _check(
             "block-size",

@@ -18,6 +18,7 @@ TASK_KEYS = (
     "local-steps",
     "batch-size",
     "learning-rate",
+    "warmup-steps",
     "block-size",
     "n-embd",
     "n-layer",

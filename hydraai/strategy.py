@@ -63,8 +63,8 @@ class BlendedFedAvg(FedAvg):
     defences : Defences or None (default: None)
         Bounds, free-rider, direction and outlier checks on each update.
     downhill : callable or None (default: None)
-        Maps the global model to the flat negative gradient of held-out text,
-        for the direction check.
+        Maps the global model to AdamW's first step on held-out text, for the
+        direction check.
     aggregation : str (default: "mean")
         "mean" (weighted), "trimmed-mean" or "median", coordinate-wise.
     trim_fraction : float (default: 0.2)

@@ -11,6 +11,7 @@ import torch
 
 from hydraai.data import eval_windows, random_batch
 from hydraai.model import SimpleTransformer
+from hydraai.schedule import warmup
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +34,18 @@ def train_steps(
     batch_size: int,
     learning_rate: float,
     seed: int,
+    warmup_steps: int = 0,
 ) -> TrainReport:
-    """Run `steps` AdamW steps on random windows of a token stream."""
+    """Run `steps` AdamW steps on random windows of a token stream.
+
+    The AdamW is new each call, and a new Adam's first steps move every
+    parameter by about a full learning rate whatever its gradient, so the
+    first warmup_steps steps ramp the rate up linearly (see warmup_factors).
+    """
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    schedule = warmup(optimizer, warmup_steps)
     block_size = model.config.block_size
     model.train()
 
@@ -50,6 +58,7 @@ def train_steps(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        schedule.step()
         losses.append(loss.item())
         trained_tokens += x.numel()
         logger.debug("step %d/%d loss %.4f", step + 1, steps, losses[-1])

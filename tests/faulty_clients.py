@@ -79,6 +79,16 @@ def corrupt(fault: str, sent: RecordDict, content: RecordDict) -> RecordDict:
             k: (base[k] + factor * (v - base[k])).astype(v.dtype)
             for k, v in arrays.items()
         }
+    elif fault == "noise":
+        # The honest update's magnitudes with random signs: as large as honest
+        # work, so it passes the size bounds, but it points nowhere.
+        rng = np.random.default_rng(0)
+        arrays = {
+            k: (
+                base[k] + np.abs(v - base[k]) * rng.choice([-1.0, 1.0], v.shape)
+            ).astype(v.dtype)
+            for k, v in arrays.items()
+        }
     elif fault == "free-rider":
         arrays = {k: sent[ARRAYS][k].numpy().copy() for k in arrays}
     elif fault == "inflated-examples":

@@ -66,8 +66,23 @@ def test_defences_bound_size_work_and_direction():
     # A node that did 1 step but reports 5 moved 5 times too little.
     assert "free rider" in defences.problem(honest / 5, 5, 5, downhill)
     assert defences.problem(honest / 5, 1, 5, downhill) == ""
-    assert "uphill" in defences.problem(-honest, 5, 5, downhill)
+    assert "not point downhill" in defences.problem(-honest, 5, 5, downhill)
     assert defences.problem(-honest, 5, 5, None) == ""
+
+
+def test_warmup_lowers_both_bounds_by_the_rate_it_holds_back():
+    plain = Defences(learning_rate=0.01)
+    warm = Defences(learning_rate=0.01, warmup_steps=4)
+    # 10 steps at 0.01; with the warmup the first 4 run at 1/5 .. 4/5 of it.
+    assert plain.reach(10) == pytest.approx(0.1)
+    assert warm.reach(10) == pytest.approx(0.01 * (6 + (1 + 2 + 3 + 4) / 5))
+    downhill = np.array([1.0, 0.0])
+    # 0.25: under 3 x 0.1 but over 3 x 0.08.
+    assert plain.problem(np.array([0.25, 0.0]), 10, 10, downhill) == ""
+    assert "too large" in warm.problem(np.array([0.25, 0.0]), 10, 10, downhill)
+    # 0.022: over 0.25 x 0.08 but under 0.25 x 0.1.
+    assert "free rider" in plain.problem(np.array([0.022, 0.0]), 10, 10, downhill)
+    assert warm.problem(np.array([0.022, 0.0]), 10, 10, downhill) == ""
 
 
 def test_outliers_need_three_updates_and_are_judged_against_the_median():
@@ -76,7 +91,7 @@ def test_outliers_need_three_updates_and_are_judged_against_the_median():
     assert defences.outliers([1.0, 1.2, 0.9, 5.0]) == [False, False, False, True]
 
 
-def test_descent_probe_is_the_negative_gradient_each_call_afresh():
+def test_descent_probe_is_the_sign_of_the_negative_gradient_each_call_afresh():
     config = ModelConfig(vocab_size=50, block_size=8, n_embd=16, n_layer=1, n_head=2)
     tokens = torch.randint(
         0, 50, (8 * 4 + 1,), generator=torch.Generator().manual_seed(1)
@@ -89,7 +104,10 @@ def test_descent_probe_is_the_negative_gradient_each_call_afresh():
     _, loss = model(x, y)
     loss.backward()
     params = dict(model.named_parameters())
-    expected = np.concatenate([-params[n].grad.numpy().ravel() for n in arrays])
+    # AdamW's first step: one learning rate against each gradient's sign.
+    expected = np.concatenate(
+        [-np.sign(params[n].grad.numpy().ravel()) for n in arrays]
+    )
 
     # Called twice: gradients must not pile up across rounds.
     for _ in range(2):

@@ -31,6 +31,7 @@ def test_pyproject_declares_every_key_with_the_code_defaults():
         ("partitioner", "round-robin", "iid, dirichlet, size-skewed"),
         ("num-server-rounds", 0, ">= 1"),
         ("local-steps", -3, ">= 1"),
+        ("warmup-steps", -1, ">= 0"),
         ("vocab-size", 100, "[260, 65536]"),
         ("run-name", "../escape", "letters, digits"),
         ("val-fraction", 0.9, "(0, 0.5)"),

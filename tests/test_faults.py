@@ -33,9 +33,10 @@ MALFORMED = {
 POISONED = {
     1: ("scaled-1e3", "rejected", "update too large"),
     2: ("scaled-1e6", "rejected", "update too large"),
-    3: ("sign-flip", "rejected", "points uphill"),
+    3: ("sign-flip", "rejected", "does not point downhill"),
     4: ("free-rider", "rejected", "free rider"),
     5: ("error", "failed", "injected failure"),
+    6: ("noise", "rejected", "does not point downhill"),
 }
 # Two rounds: in round 2 the stale node replays its round-1 reply and the
 # silent node sleeps past the round timeout. The timeout leaves round 1, which
