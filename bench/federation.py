@@ -271,6 +271,19 @@ def run(quick: bool, shared: dict | None = None) -> SectionResult:
                 f"{result['seconds']:.1f}s)",
                 result["share"] <= 0.15,
             )
+
+    # The rest is nearly fixed per round, so the task size sets its share.
+    default = measured[-1][2] if not quick else None
+    if default is not None and short is not None:
+        per_step = default["client"] / (largest * default_steps)
+        needed = default["other"] * 0.85 / 0.15 / (largest * per_step)
+        section.note(
+            f"At {largest} supernodes the rest of a round is {default['other']:.1f}s "
+            f"at local-steps {default_steps} and {short['other']:.1f}s at "
+            f"{LOCAL_STEPS}, nearly fixed, while a step costs {per_step:.2f}s per "
+            f"node: the rest stays under 15% from about {needed:.1f} local steps "
+            "per task up."
+        )
     return section
 
 

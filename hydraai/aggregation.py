@@ -156,19 +156,23 @@ def aggregate(
 
 
 class ServerOptimizer:
-    """Applies the averaged update to the global model at the blend rate.
+    """Applies the averaged update to the global model.
 
     With "none", new = global + blend_rate * average_update, which equals
     (1 - blend_rate) * global + blend_rate * average_model. "momentum" keeps a
-    velocity v = momentum * v + update and steps by blend_rate * v; "nesterov"
-    steps by blend_rate * (update + momentum * v), as in DiLoCo's outer step.
+    velocity v = momentum * v + update and steps by lr * v; "nesterov" steps
+    by lr * (update + momentum * v), as in DiLoCo's outer step (Douillard et
+    al., 2023), where lr is learning_rate, or blend_rate when that is 0.
     """
 
-    def __init__(self, kind: str = "none", momentum: float = 0.9) -> None:
+    def __init__(
+        self, kind: str = "none", momentum: float = 0.9, learning_rate: float = 0.0
+    ) -> None:
         if kind not in SERVER_OPTIMIZERS:
             raise ValueError(f"unknown server optimizer '{kind}'")
         self.kind = kind
         self.momentum = momentum
+        self.learning_rate = learning_rate
         self.velocity: np.ndarray | None = None
 
     def step(
@@ -176,9 +180,10 @@ class ServerOptimizer:
     ) -> np.ndarray:
         if self.kind == "none":
             return global_vector + blend_rate * update
+        lr = self.learning_rate or blend_rate
         if self.velocity is None:
             self.velocity = np.zeros_like(update)
         self.velocity = self.momentum * self.velocity + update
         if self.kind == "momentum":
-            return global_vector + blend_rate * self.velocity
-        return global_vector + blend_rate * (update + self.momentum * self.velocity)
+            return global_vector + lr * self.velocity
+        return global_vector + lr * (update + self.momentum * self.velocity)

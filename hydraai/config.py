@@ -49,6 +49,7 @@ class RunConfig:
     probe_windows: int = 8
     server_optimizer: str = "none"
     server_momentum: float = 0.9
+    server_learning_rate: float = 0.0
     transfer_dtype: str = "float32"
     reward_per_task: float = 2.0
     query_cost: float = 0.5
@@ -235,6 +236,12 @@ class RunConfig:
             self.server_momentum,
             0.0 <= self.server_momentum < 1.0,
             "a number in [0, 1)",
+        )
+        _check(
+            "server-learning-rate",
+            self.server_learning_rate,
+            0.0 <= self.server_learning_rate <= 2.0,
+            "a number in [0, 2] (0: step at blend-rate)",
         )
         _check(
             "transfer-dtype",

@@ -247,7 +247,9 @@ def make_strategy(config: RunConfig, state: RunState, ledger: Ledger) -> Blended
     downhill = None
     if config.probe_windows > 0:
         downhill = DescentProbe(state.model_config, state.probe_tokens)
-    optimizer = ServerOptimizer(config.server_optimizer, config.server_momentum)
+    optimizer = ServerOptimizer(
+        config.server_optimizer, config.server_momentum, config.server_learning_rate
+    )
     optimizer.velocity = state.velocity
     return BlendedFedAvg(
         blend_rate=config.blend_rate,

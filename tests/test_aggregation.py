@@ -53,6 +53,13 @@ def test_server_optimizers_step_by_hand():
     assert nesterov.step(g, u, 0.1).tolist() == pytest.approx([1.3])
     assert nesterov.step(g, u, 0.1).tolist() == pytest.approx([1.35])
 
+    # Its own learning rate replaces the blend rate: 0.7 * (2 + 0.5 * 2) = 2.1.
+    outer = ServerOptimizer("nesterov", momentum=0.5, learning_rate=0.7)
+    assert outer.step(g, u, 0.1).tolist() == pytest.approx([3.1])
+    # Plain blending ignores it.
+    plain = ServerOptimizer("none", learning_rate=0.7)
+    assert plain.step(g, u, 0.1).tolist() == pytest.approx([1.2])
+
 
 def test_defences_bound_size_work_and_direction():
     defences = Defences(

@@ -32,6 +32,7 @@ def test_pyproject_declares_every_key_with_the_code_defaults():
         ("num-server-rounds", 0, ">= 1"),
         ("local-steps", -3, ">= 1"),
         ("warmup-steps", -1, ">= 0"),
+        ("server-learning-rate", 5.0, "[0, 2]"),
         ("vocab-size", 100, "[260, 65536]"),
         ("run-name", "../escape", "letters, digits"),
         ("val-fraction", 0.9, "(0, 0.5)"),
