@@ -29,7 +29,7 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest
 
-# About 25 minutes on 2 cores; writes docs/benchmarks.md (see bench/__main__.py).
+# About 30 minutes on 2 cores; writes docs/benchmarks.md (see bench/__main__.py).
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 

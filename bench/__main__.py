@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="Measure HydraAI and write docs/benchmarks.md. With no "
-        "section flag every section runs (about 25 minutes on 2 cores). "
+        "section flag every section runs (about 30 minutes on 2 cores). "
         "Example: python -m bench --quick --throughput --ledger",
     )
     parser.add_argument("--quick", action="store_true", help="shorter runs of each")
