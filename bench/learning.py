@@ -191,17 +191,23 @@ def run(quick: bool) -> SectionResult:
             else "misses it as well"
         )
         n = len(NODES)
-        section.note(
+        note = (
             f"The synchronous reference, every step on all {n} nodes' batches at "
             f"once, is at {wide.val_loss[central_rounds]:.3f} at equal tokens and "
             f"{min(wide.val_loss):.3f} at best within 1.5x against the target "
             f"{target:.3f}, so it {verdict}. At equal tokens {n} nodes take {n}x "
-            f"fewer sequential steps than one machine: {n * base.local_steps} steps "
-            f"of batch {n * base.batch_size} reach {wide.val_loss[n]:.3f}, "
-            f"{n * base.local_steps} steps of batch {base.batch_size} "
-            f"{central.val_loss[1]:.3f} and {n * n * base.local_steps} steps of "
-            f"batch {base.batch_size}, the same tokens, {central.val_loss[n]:.3f}."
+            "fewer sequential steps than one machine"
         )
+        # Equal steps at n times the batch against equal steps and equal tokens.
+        if central_rounds >= n:
+            note += (
+                f": {n * base.local_steps} steps of batch {n * base.batch_size} "
+                f"reach {wide.val_loss[n]:.3f}, {n * base.local_steps} steps of "
+                f"batch {base.batch_size} {central.val_loss[1]:.3f} and "
+                f"{n * n * base.local_steps} steps of batch {base.batch_size}, the "
+                f"same tokens, {central.val_loss[n]:.3f}"
+            )
+        section.note(note + ".")
     seconds = {name: h.seconds for name, h in runs.items()}
     section.note(
         "Emulated seconds per federation: "
